@@ -1,0 +1,187 @@
+"""Load a user's image folder (one sub-folder per class) as normalised model input."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from netcarve.errors import DataError
+from netcarve.zoo.preset import Preset
+
+__all__ = ["DEFAULT_EXTENSIONS", "ImageFolderData", "load_image_folder"]
+
+DEFAULT_EXTENSIONS: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+)
+
+_PIL_MODE = {1: "L", 3: "RGB"}
+
+
+@dataclass(frozen=True)
+class ImageFolderData:
+    """Images loaded from a class-per-sub-folder directory.
+
+    Attributes:
+        images: float32 ``[N, C, size, size]``, already normalised with the preset.
+        labels: int64 ``[N]``, indices into ``class_names``.
+        class_names: one name per label index (see :func:`load_image_folder` for the order).
+        paths: source file of each image, in the same order as ``images``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    paths: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _name_key(name: str) -> str:
+    # Folder names cannot contain "/" (Fashion-MNIST has "T-shirt/top"), and people write
+    # "ankle_boot" or "Ankle Boot"; compare on lower-case letters and digits only.
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _preset_order(folder_classes: list[str], preset_classes: tuple[str, ...]) -> list[int] | None:
+    """Label index of each folder class in the preset's order, or None if the sets differ."""
+    if not preset_classes or len(folder_classes) != len(preset_classes):
+        return None
+    preset_index = {_name_key(name): i for i, name in enumerate(preset_classes)}
+    if len(preset_index) != len(preset_classes):
+        return None  # names that collide after normalisation cannot be matched safely
+    mapping = [preset_index.get(_name_key(name)) for name in folder_classes]
+    if any(i is None for i in mapping) or len(set(mapping)) != len(mapping):
+        return None
+    return [int(i) for i in mapping if i is not None]
+
+
+def _is_visible(path: Path) -> bool:
+    # Skip .DS_Store, ._foo.png (macOS resource forks), .ipynb_checkpoints and the like.
+    return not path.name.startswith(".")
+
+
+def _list_images(class_dir: Path, extensions: set[str]) -> list[Path]:
+    found = [
+        p
+        for p in class_dir.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in extensions
+        and all(_is_visible(part) for part in p.relative_to(class_dir).parents if part.name)
+        and _is_visible(p)
+    ]
+    return sorted(found)
+
+
+def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()  # decode now so truncated/corrupt files fail here, inside the try
+        converted = im.convert(mode)
+    resized = converted.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def load_image_folder(
+    path: str | Path,
+    preset: Preset,
+    *,
+    extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+) -> ImageFolderData:
+    """Load ``path/<class>/<image>`` files as a normalised batch for a model.
+
+    Every image is converted to the preset's channels (PIL mode ``"L"`` for 1 channel,
+    ``"RGB"`` for 3), resized to ``preset.size × preset.size`` with PIL's bilinear filter
+    (the aspect ratio is not preserved: images are stretched to the square), then
+    normalised with :meth:`Preset.normalize`. Files are found recursively inside each
+    class folder and matched by extension (case-insensitive); hidden files and folders
+    are ignored.
+
+    Label order: if the folder names are the same set as ``preset.class_names``
+    (compared case-insensitively on letters and digits only, so ``T-shirt_top`` matches
+    ``T-shirt/top``), labels follow the preset's order and ``class_names`` is the
+    preset's, so labels line up with the model's logits. Otherwise labels follow the
+    sorted folder names and ``class_names`` is that sorted list.
+
+    Args:
+        path: directory with one sub-folder per class.
+        preset: the model's input preset (size, channels, normalisation, class names).
+        extensions: file suffixes treated as images.
+
+    Returns:
+        An :class:`ImageFolderData` with images, labels, class names and source paths.
+
+    Raises:
+        DataError: if the folder is missing, has no class sub-folders, holds no images,
+            or if any image cannot be decoded (all bad files are listed in one error).
+
+    Example:
+        >>> data = load_image_folder("my_photos", preset)  # doctest: +SKIP
+        >>> data.images.shape  # doctest: +SKIP
+        torch.Size([12, 1, 28, 28])
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"image folder {root} is not a directory")
+    if preset.channels not in _PIL_MODE:
+        raise DataError(f"preset has {preset.channels} channels; only 1 or 3 are supported")
+    suffixes = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+
+    folder_classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _is_visible(p))
+    if not folder_classes:
+        raise DataError(
+            f"image folder {root} has no class sub-folders; expected {root}/<class name>/<image>"
+        )
+
+    files: list[tuple[Path, int]] = []
+    for folder_index, name in enumerate(folder_classes):
+        files += [(p, folder_index) for p in _list_images(root / name, suffixes)]
+    if not files:
+        raise DataError(
+            f"image folder {root} has class sub-folders ({', '.join(folder_classes)}) but no "
+            f"images with extensions {', '.join(sorted(suffixes))}"
+        )
+
+    mode = _PIL_MODE[preset.channels]
+    arrays: list[np.ndarray] = []
+    bad: list[str] = []
+    for file, _ in files:
+        try:
+            arrays.append(_read_image(file, mode, preset.size))
+        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+            bad.append(f"  - {file}: {type(exc).__name__}: {exc}")
+    if bad:
+        raise DataError(
+            f"{len(bad)} of {len(files)} images in {root} could not be read:\n" + "\n".join(bad)
+        )
+
+    mapping = _preset_order(folder_classes, preset.class_names)
+    if mapping is None:
+        class_names = tuple(folder_classes)
+        labels = [folder_index for _, folder_index in files]
+    else:
+        class_names = tuple(preset.class_names)
+        labels = [mapping[folder_index] for _, folder_index in files]
+
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageFolderData(
+        images=preset.normalize(batch),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        class_names=class_names,
+        paths=tuple(file for file, _ in files),
+    )

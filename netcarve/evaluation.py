@@ -1,0 +1,156 @@
+"""Reference data for a preset, and classification accuracy of a model on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import load_fashion_mnist, make_shapes
+from .errors import DataError
+from .zoo.preset import Preset
+
+# Fixed seeds for the generated shapes data set: the test seed never appears in training.
+SHAPES_TEST_SEED = 20_000
+SHAPES_TEST_SIZE = 10_000
+
+
+def reference_data(
+    preset: Preset, split: str = "test", limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real data set a zoo preset was trained for, as raw ``uint8`` images and labels.
+
+    Args:
+        preset: a zoo preset (``dataset`` is ``"fashion-mnist"`` or ``"shapes"``).
+        split: ``"test"`` or ``"train"`` (shapes: ``"test"`` is the held-out seed).
+        limit: keep only the first ``limit`` images.
+
+    Returns:
+        ``(images uint8 [N, C, H, W], labels int64 [N])``.
+
+    Raises:
+        DataError: the preset has no built-in data (e.g. ImageNet): use ``--images-dir``.
+
+    Example:
+        >>> from netcarve.zoo import FASHION_MNIST_PRESET
+        >>> x, y = reference_data(FASHION_MNIST_PRESET, "test", limit=8)
+        >>> tuple(x.shape)
+        (8, 1, 28, 28)
+    """
+    if preset.dataset == "fashion-mnist":
+        images, labels = load_fashion_mnist(split)
+    elif preset.dataset == "shapes":
+        if split != "test":
+            raise DataError("the shapes data set is generated per epoch when training; use 'test'")
+        n = SHAPES_TEST_SIZE if limit is None else min(limit, SHAPES_TEST_SIZE)
+        images, labels = make_shapes(n, seed=SHAPES_TEST_SEED, size=preset.size)
+    else:
+        raise DataError(
+            f"no built-in data for the {preset.dataset!r} preset: pass a folder of your own "
+            "images with --images-dir (one sub-folder per class)"
+        )
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def batches(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield consecutive ``(images, labels)`` slices of at most ``batch_size``."""
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size], labels[start : start + batch_size]
+
+
+@dataclass
+class EvalResult:
+    """Accuracy report: top-1 accuracy, mean cross-entropy, per-class accuracy."""
+
+    accuracy: float
+    loss: float
+    n: int
+    per_class_accuracy: list[float]
+    predictions: torch.Tensor
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("predictions")
+        return d
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    preset: Preset,
+    *,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> EvalResult:
+    """Top-1 accuracy and loss of ``model`` on images (raw uint8, or already normalised floats).
+
+    The model's training mode is restored afterwards.
+
+    Args:
+        model: a classifier producing ``[N, classes]`` logits.
+        images: ``uint8 [N, C, H, W]`` (normalised with ``preset``) or float (used as is).
+        labels: ``int64 [N]``.
+        preset: input preset (normalisation, number of classes).
+        batch_size: images per forward pass.
+        device: device to run on.
+        progress: show a progress bar.
+
+    Returns:
+        An :class:`EvalResult`.
+
+    Raises:
+        DataError: no images.
+
+    Example:
+        >>> from netcarve.zoo import load_model
+        >>> lm = load_model("fmnist_vgg")
+        >>> x, y = reference_data(lm.preset, limit=100)
+        >>> evaluate(lm.model, x, y, lm.preset).accuracy > 0.8
+        True
+    """
+    if len(images) == 0:
+        raise DataError("cannot evaluate on an empty data set")
+    was_training = model.training
+    model.eval()
+    num_classes = max(preset.num_classes, int(labels.max()) + 1)
+    correct_per_class = torch.zeros(num_classes)
+    count_per_class = torch.zeros(num_classes)
+    total_loss = 0.0
+    preds = []
+    from tqdm import tqdm
+
+    it = batches(images, labels, batch_size)
+    if progress:
+        it = tqdm(it, total=(len(images) + batch_size - 1) // batch_size, desc="evaluate")
+    try:
+        for xb, yb in it:
+            x = preset.normalize(xb) if xb.dtype == torch.uint8 else xb
+            logits = model(x.to(device)).float().cpu()
+            total_loss += F.cross_entropy(logits, yb, reduction="sum").item()
+            pred = logits.argmax(1)
+            preds.append(pred)
+            count_per_class += torch.bincount(yb, minlength=num_classes).float()
+            correct_per_class += torch.bincount(
+                yb[pred == yb], minlength=num_classes
+            ).float()
+    finally:
+        model.train(was_training)
+    n = len(images)
+    per_class = (correct_per_class / count_per_class.clamp(min=1)).tolist()
+    return EvalResult(
+        accuracy=float(correct_per_class.sum() / n),
+        loss=total_loss / n,
+        n=n,
+        per_class_accuracy=per_class,
+        predictions=torch.cat(preds),
+    )

@@ -1,0 +1,189 @@
+"""The model zoo: named architectures, their input presets, and bundled weights."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import FASHION_MNIST_CLASSES, SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD
+from ..errors import ModelSpecError
+from ..weights import load_weights, read_metadata
+from .preset import Preset
+from .small_models import FmnistResNet, FmnistVGG, ShapesCNN
+from .torchvision_models import IMAGENET_PRESET, TORCHVISION_ARCHITECTURES
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+FASHION_MNIST_PRESET = Preset(
+    size=28,
+    channels=1,
+    mean=(0.2860,),
+    std=(0.3530,),
+    class_names=FASHION_MNIST_CLASSES,
+    dataset="fashion-mnist",
+)
+SHAPES_PRESET = Preset(
+    size=32,
+    channels=3,
+    mean=tuple(SHAPES_MEAN),
+    std=tuple(SHAPES_STD),
+    class_names=SHAPE_CLASSES,
+    dataset="shapes",
+)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One model of the zoo.
+
+    Attributes:
+        name: the name used on the command line (``fmnist_vgg``).
+        factory: builds the architecture (random weights).
+        preset: the input preset.
+        description: one line for ``netcarve models``.
+        bundled: whether netcarve ships trained weights for it.
+    """
+
+    name: str
+    factory: Callable[[], nn.Module]
+    preset: Preset
+    description: str
+    bundled: bool = False
+
+    @property
+    def weights_path(self) -> Path:
+        return WEIGHTS_DIR / f"{self.name}.safetensors"
+
+    def metadata(self) -> dict[str, str]:
+        """Metadata stored with the bundled weights ({} when there are none)."""
+        if self.bundled and self.weights_path.exists():
+            return read_metadata(self.weights_path)
+        return {}
+
+
+def _entries() -> dict[str, ZooEntry]:
+    fm = FASHION_MNIST_PRESET
+    n_shapes = len(SHAPE_CLASSES)
+    zoo = {
+        "fmnist_vgg": ZooEntry(
+            "fmnist_vgg", FmnistVGG, fm, "VGG-style, 5 convs + BatchNorm, Fashion-MNIST", True
+        ),
+        "fmnist_resnet": ZooEntry(
+            "fmnist_resnet", FmnistResNet, fm, "small ResNet, residual adds, Fashion-MNIST", True
+        ),
+        "shapes_cnn": ZooEntry(
+            "shapes_cnn",
+            lambda: ShapesCNN(num_classes=n_shapes),
+            SHAPES_PRESET,
+            "RGB CNN, 48 first-layer filters, coloured shapes",
+            True,
+        ),
+    }
+    for arch, fn in TORCHVISION_ARCHITECTURES.items():
+        zoo[arch] = ZooEntry(
+            arch, fn, IMAGENET_PRESET, f"torchvision-shaped {arch} (bring --weights)", False
+        )
+    return zoo
+
+
+ZOO: dict[str, ZooEntry] = _entries()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use: the module (in eval mode), its preset and provenance."""
+
+    name: str
+    model: nn.Module
+    preset: Preset
+    weights: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _resolve_factory(spec: str) -> Callable[[], nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelSpecError(f"model spec {spec!r} must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelSpecError(f"cannot import module {module_name!r} for {spec!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelSpecError(f"{module_name!r} has no callable named {attr!r}")
+    return factory
+
+
+def load_model(
+    spec: str,
+    weights: str | Path | None = None,
+    *,
+    preset: Preset | str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build a model by zoo name or ``package.module:factory`` spec, with its weights.
+
+    Args:
+        spec: a zoo name (``netcarve models`` lists them) or ``package.module:factory``.
+        weights: a weight file (safetensors or a ``torch.save``'d state dict) to load
+            instead of the bundled weights.
+        preset: input preset (a :class:`Preset` or a zoo name whose preset to use). Needed
+            for a factory spec unless the module has a ``netcarve_preset`` attribute.
+        device: where to put the model.
+
+    Returns:
+        A :class:`LoadedModel` whose model is in eval mode.
+
+    Raises:
+        ModelSpecError: unknown name (close names are suggested) or a bad factory spec.
+        WeightsError: the weight file does not fit the architecture.
+
+    Example:
+        >>> lm = load_model("fmnist_vgg")
+        >>> lm.preset.size
+        28
+    """
+    metadata: dict[str, str] = {}
+    if ":" in spec:
+        model = _resolve_factory(spec)()
+        if not isinstance(model, nn.Module):
+            raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
+        name = spec
+        resolved_preset = getattr(model, "netcarve_preset", None)
+    else:
+        entry = ZOO.get(spec)
+        if entry is None:
+            close = difflib.get_close_matches(spec, list(ZOO), n=3, cutoff=0.4)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ModelSpecError(
+                f"unknown model {spec!r}.{hint} Run `netcarve models` to list the zoo, or name "
+                "your own as 'package.module:factory'."
+            )
+        model = entry.factory()
+        name = entry.name
+        resolved_preset = entry.preset
+        if weights is None and entry.bundled:
+            weights = entry.weights_path
+            metadata = entry.metadata()
+    if isinstance(preset, str):
+        if preset not in ZOO:
+            raise ModelSpecError(f"unknown preset {preset!r}; use a zoo model name")
+        resolved_preset = ZOO[preset].preset
+    elif preset is not None:
+        resolved_preset = preset
+    if resolved_preset is None:
+        raise ModelSpecError(
+            f"no input preset for {spec!r}: pass --preset with a zoo name whose input format "
+            "matches (e.g. fmnist_vgg), or set `netcarve_preset` on the model"
+        )
+    if weights is not None:
+        load_weights(model, weights)
+    model.eval().to(device)
+    return LoadedModel(name, model, resolved_preset, None if weights is None else str(weights),
+                       metadata)

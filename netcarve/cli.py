@@ -127,6 +127,186 @@ def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: P
                          f"(loss {result.loss:.4f})")
 
 
+def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that loads a model and images."""
+    options = [
+        click.option("--weights", type=click.Path(path_type=Path), default=None,
+                     help="Weight file (safetensors or a torch.save'd state dict)."),
+        click.option("--preset", default=None,
+                     help="Input preset (a zoo name) for a package.module:factory model."),
+        click.option("--images-dir", type=click.Path(path_type=Path), default=None,
+                     help="Your own images (one sub-folder per class) instead of built-in data."),
+        click.option("--images", "n_images", type=click.IntRange(min=2), default=500,
+                     show_default=True, help="Scoring images."),
+        click.option("--heldout", "n_heldout", type=click.IntRange(min=2), default=None,
+                     help="Held-out images for preservation [default: same as --images]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Output folder."),
+        click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load_for_analysis(model: str, weights: Path | None, preset: str | None,
+                       images_dir: Path | None, n_images: int, n_heldout: int | None,
+                       device: str, seed: int):
+    from .evaluation import analysis_data
+    from .zoo import load_model
+
+    lm = load_model(model, weights, preset=preset, device=device)
+    scoring, heldout = analysis_data(lm.preset, n_images, n_heldout or n_images,
+                                     images_dir=None if images_dir is None else str(images_dir),
+                                     seed=seed)
+    return lm, scoring.to(device), heldout.to(device)
+
+
+def _write_summary(out: Path, summary: dict, as_json: bool, text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _emit(summary, as_json, text)
+
+
+def _floats(value: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"{name} must be comma-separated numbers: {value!r}") from exc
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("target")
+@click.option("--criterion", type=click.Choice(["actgrad", "snip", "force", "magnitude",
+                                                "random"]), default="actgrad", show_default=True)
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=0.1,
+              show_default=True, help="Fraction of relevant kernels to keep.")
+@click.option("--granularity", type=click.Choice(["kernel", "filter"]), default="kernel",
+              show_default=True)
+@click.option("--per-layer-norm", is_flag=True, help="Normalise scores per layer first.")
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Iterative re-scoring steps.")
+@_model_options
+@_fail_cleanly
+def extract(model: str, target: str, criterion: str, keep: float, granularity: str,
+            per_layer_norm: bool, steps: int, weights: Path | None, preset: str | None,
+            images_dir: Path | None, n_images: int, n_heldout: int | None, batch_size: int,
+            device: str, seed: int, out: Path, as_json: bool) -> None:
+    """Extract the circuit of TARGET ("layer:channel", "layer:channel@y,x" or "logit:K")."""
+    from .circuit import extract as run_extract
+
+    lm, scoring, heldout = _load_for_analysis(model, weights, preset, images_dir, n_images,
+                                              n_heldout, device, seed)
+    circuit = run_extract(lm.model, target, scoring, heldout=heldout, criterion=criterion,
+                          keep=keep, granularity=granularity, per_layer_norm=per_layer_norm,
+                          steps=steps, batch_size=batch_size, seed=seed)
+    circuit.metadata["model"] = lm.name
+    out.mkdir(parents=True, exist_ok=True)
+    circuit.save(out / "circuit.safetensors")
+    summary = {"model": lm.name, "circuit_file": str(out / "circuit.safetensors"),
+               **circuit.summary()}
+    pres = circuit.preservation
+    text = (f"{circuit.target} [{criterion}, keep {keep:g}]: kept {circuit.kept_kernels:,} of "
+            f"{circuit.relevant_kernels:,} relevant kernels; held-out preservation r = "
+            f"{pres.pearson:.3f}" + (" (total collapse)" if circuit.collapsed else "")
+            + f"\nwrote {out / 'circuit.safetensors'} and {out / 'summary.json'}")
+    _write_summary(out, summary, as_json, text)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--layers", default=None, help="Comma-separated layers to draw units from.")
+@click.option("--units-per-layer", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--units", "unit_list", default=None,
+              help="Comma-separated targets instead of --layers (e.g. features.3:1,features.7:4).")
+@click.option("--criteria", default="actgrad,snip,force,magnitude,random", show_default=True)
+@click.option("--keeps", default="0.5,0.2,0.1,0.05,0.01", show_default=True)
+@click.option("--per-layer-norm", is_flag=True)
+@_model_options
+@_fail_cleanly
+def sweep(model: str, layers: str | None, units_per_layer: int, unit_list: str | None,
+          criteria: str, keeps: str, per_layer_norm: bool, weights: Path | None,
+          preset: str | None, images_dir: Path | None, n_images: int, n_heldout: int | None,
+          batch_size: int, device: str, seed: int, out: Path, as_json: bool) -> None:
+    """Preservation vs keep for several criteria and many units (CSV + PNG)."""
+    from .criteria import get_criterion
+    from .graph import ModelGraph
+    from .sweep import pick_units
+    from .sweep import sweep as run_sweep
+
+    crits = [c.strip() for c in criteria.split(",") if c.strip()]
+    for c in crits:
+        get_criterion(c)
+    keep_values = _floats(keeps, "--keeps")
+    lm, scoring, heldout = _load_for_analysis(model, weights, preset, images_dir, n_images,
+                                              n_heldout, device, seed)
+    graph = ModelGraph.build(lm.model, scoring[:1])
+    if unit_list:
+        units = [u.strip() for u in unit_list.split(",") if u.strip()]
+    else:
+        names = [n.strip() for n in layers.split(",")] if layers else [
+            n for n, info in graph.layers.items() if info.kind == "conv"]
+        units = pick_units(graph, names, units_per_layer, seed)
+    result = run_sweep(lm.model, units, scoring, heldout, criteria=crits, keeps=keep_values,
+                       per_layer_norm=per_layer_norm, batch_size=batch_size, seed=seed,
+                       graph=graph, progress=not as_json)
+    result.write_csv(out / "sweep.csv")
+    result.plot(out / "sweep.png", title=f"{lm.name}: preservation vs keep")
+    summary = {"model": lm.name, "units": len({r["unit"] for r in result.rows}),
+               "criteria": crits, "keeps": keep_values,
+               "median_preservation": result.table("median"),
+               "collapse_fraction": result.collapse_fraction(),
+               "csv": str(out / "sweep.csv"), "plot": str(out / "sweep.png")}
+    _write_summary(out, summary, as_json, result.markdown_table()
+                   + f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.png'}, {out / 'summary.json'}")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("target")
+@click.option("--groups", "n_groups", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Number of image groups to find (PCA + k-means).")
+@click.option("--criterion", default="actgrad", show_default=True)
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=0.2,
+              show_default=True, help="Keep fraction of the general circuit.")
+@click.option("--sub-keep", type=click.FloatRange(0, 1, min_open=True), default=0.5,
+              show_default=True, help="Keep fraction of each sub-circuit, of the general one.")
+@_model_options
+@_fail_cleanly
+def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: float,
+                sub_keep: float, weights: Path | None, preset: str | None,
+                images_dir: Path | None, n_images: int, n_heldout: int | None,
+                batch_size: int, device: str, seed: int, out: Path, as_json: bool) -> None:
+    """Split TARGET's images into groups and extract one sub-circuit per group."""
+    from .circuit import extract as run_extract
+    from .subcircuits import subcircuits as run_subcircuits
+
+    lm, scoring, heldout = _load_for_analysis(model, weights, preset, images_dir, n_images,
+                                              n_heldout, device, seed)
+    general = run_extract(lm.model, target, scoring, heldout=heldout, criterion=criterion,
+                          keep=keep, batch_size=batch_size, seed=seed)
+    report = run_subcircuits(lm.model, general.target, scoring, n_groups=n_groups,
+                             general=general, criterion=criterion, keep=keep,
+                             sub_keep=sub_keep, batch_size=batch_size, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    general.save(out / "general.safetensors")
+    for i, sc in enumerate(report.subcircuits):
+        sc.save(out / f"subcircuit_{i}.safetensors")
+    summary = {"model": lm.name, **report.summary()}
+    lines = [f"{general.target}: general circuit {general.kept_kernels:,} kernels, "
+             f"held-out r = {general.preservation.pearson:.3f}"]
+    for s in summary["subcircuits"]:
+        other = [o["pearson"] for o in s["other_groups"]]
+        lines.append(f"  group {s['group']} ({s['images']} images): {s['kept_kernels']:,} "
+                     f"kernels ({s['keep_vs_general']:.0%} of general), own-group r = "
+                     f"{s['own_group']['pearson']}, other groups r = {other}")
+    _write_summary(out, summary, as_json, "\n".join(lines))
+
+
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
               show_default=True)

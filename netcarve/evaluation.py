@@ -16,6 +16,8 @@ from .zoo.preset import Preset
 # Fixed seeds for the generated shapes data set: the test seed never appears in training.
 SHAPES_TEST_SEED = 20_000
 SHAPES_TEST_SIZE = 10_000
+# "train" split for analysis (scoring images); training itself draws seed*1000+epoch.
+SHAPES_SAMPLE_SEED = 10_000
 
 
 def reference_data(
@@ -25,7 +27,8 @@ def reference_data(
 
     Args:
         preset: a zoo preset (``dataset`` is ``"fashion-mnist"`` or ``"shapes"``).
-        split: ``"test"`` or ``"train"`` (shapes: ``"test"`` is the held-out seed).
+        split: ``"test"`` or ``"train"`` (shapes: ``"test"`` is the held-out seed, ``"train"``
+            another fixed seed that training never draws).
         limit: keep only the first ``limit`` images.
 
     Returns:
@@ -43,10 +46,11 @@ def reference_data(
     if preset.dataset == "fashion-mnist":
         images, labels = load_fashion_mnist(split)
     elif preset.dataset == "shapes":
-        if split != "test":
-            raise DataError("the shapes data set is generated per epoch when training; use 'test'")
+        if split not in ("train", "test"):
+            raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
         n = SHAPES_TEST_SIZE if limit is None else min(limit, SHAPES_TEST_SIZE)
-        images, labels = make_shapes(n, seed=SHAPES_TEST_SEED, size=preset.size)
+        seed = SHAPES_TEST_SEED if split == "test" else SHAPES_SAMPLE_SEED
+        images, labels = make_shapes(n, seed=seed, size=preset.size)
     else:
         raise DataError(
             f"no built-in data for the {preset.dataset!r} preset: pass a folder of your own "
@@ -154,3 +158,61 @@ def evaluate(
         per_class_accuracy=per_class,
         predictions=torch.cat(preds),
     )
+
+
+def analysis_data(
+    preset: Preset,
+    n_scoring: int,
+    n_heldout: int,
+    *,
+    images_dir: str | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised scoring and held-out images for circuit work, disjoint by construction.
+
+    Built-in data: scoring images are drawn (seeded) from the train split, held-out images
+    from the test split. A user folder (``images_dir``) is shuffled (seeded) and split.
+
+    Args:
+        preset: the model's preset.
+        n_scoring: number of scoring images.
+        n_heldout: number of held-out images.
+        images_dir: a folder with one sub-folder per class, instead of the built-in data.
+        seed: seeds the draw.
+
+    Returns:
+        ``(scoring, heldout)``: float tensors ``[N, C, H, W]``.
+
+    Raises:
+        DataError: not enough images, or no built-in data for the preset.
+
+    Example:
+        >>> from netcarve.zoo import FASHION_MNIST_PRESET
+        >>> s, h = analysis_data(FASHION_MNIST_PRESET, 10, 5)
+        >>> tuple(s.shape), tuple(h.shape)
+        ((10, 1, 28, 28), (5, 1, 28, 28))
+    """
+    if n_scoring < 1 or n_heldout < 1:
+        raise DataError("need at least one scoring and one held-out image")
+    gen = torch.Generator().manual_seed(seed)
+    if images_dir is not None:
+        from .data import load_image_folder
+
+        folder = load_image_folder(images_dir, preset)
+        if len(folder.images) < n_scoring + n_heldout:
+            raise DataError(
+                f"{images_dir} has {len(folder.images)} images; {n_scoring} scoring + "
+                f"{n_heldout} held-out requested: lower --images/--heldout"
+            )
+        perm = torch.randperm(len(folder.images), generator=gen)
+        x = folder.images[perm]
+        return x[:n_scoring], x[n_scoring : n_scoring + n_heldout]
+    train_x, _ = reference_data(preset, "train")
+    test_x, _ = reference_data(preset, "test")
+    if n_scoring > len(train_x) or n_heldout > len(test_x):
+        raise DataError(
+            f"at most {len(train_x)} scoring and {len(test_x)} held-out images are available"
+        )
+    pick = torch.randperm(len(train_x), generator=gen)[:n_scoring]
+    hold = torch.randperm(len(test_x), generator=gen)[:n_heldout]
+    return preset.normalize(train_x[pick]), preset.normalize(test_x[hold])

@@ -34,9 +34,9 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "fmnist_vgg": Recipe(epochs=8, lr=3e-3),
-    "fmnist_resnet": Recipe(epochs=8, lr=3e-3),
-    "shapes_cnn": Recipe(epochs=8, lr=3e-3, flip=True, shapes_per_epoch=16_000),
+    "fmnist_vgg": Recipe(epochs=6, lr=3e-3),
+    "fmnist_resnet": Recipe(epochs=6, lr=3e-3),
+    "shapes_cnn": Recipe(epochs=15, lr=3e-3, shapes_per_epoch=24_000),
 }
 
 

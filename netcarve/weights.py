@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -103,7 +104,8 @@ def is_safetensors(path: PathLike) -> bool:
         False
     """
     try:
-        head = Path(path).open("rb").read(9)
+        with Path(path).open("rb") as fh:
+            head = fh.read(9)
     except OSError:
         return False
     return len(head) == 9 and head[8:9] == b"{"
@@ -141,10 +143,13 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     header = _read_header(path)  # gives clearer messages for truncated headers
-    data_end = max(
-        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-        default=0,
-    )
+    try:
+        data_end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise WeightsError(f"{path} is not a valid safetensors file (bad header)") from exc
     header_len = struct.unpack("<Q", _read_prefix(path, 8))[0]
     size = path.stat().st_size
     if 8 + header_len + data_end > size:
@@ -161,14 +166,38 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 _GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
+def _names_missing_attribute(qualified: str) -> bool:
+    """True if ``qualified`` is ``module.attr`` for an already-imported module lacking attr.
+
+    Only ``sys.modules`` is consulted: nothing named by an untrusted file is imported.
+    """
+    module_name, _, attr = qualified.rpartition(".")
+    module = sys.modules.get(module_name)
+    return module is not None and not hasattr(module, attr)
+
+
 def _torch_load(path: Path) -> Any:
+    not_st = (
+        " (it is named .safetensors but is not a valid safetensors file)"
+        if path.suffix.lower() == ".safetensors"
+        else ""
+    )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Pass an open file, not the path: recent torch versions treat a path ending in
+        # ".safetensors" specially, and the content has already told us this is not one.
+        with path.open("rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = f"{exc}\n{exc.__context__ or ''}"
         match = _GLOBAL_RE.search(text)
         if match is None and "Weights only load failed" not in text:
-            raise WeightsError(f"{path} is corrupt or not a weight file: {exc}") from exc
+            raise WeightsError(f"{path} is corrupt or not a weight file{not_st}: {exc}") from exc
+        if match and _names_missing_attribute(match.group(1)):
+            # e.g. "torch._utils._rebuild_tens": a real module, a cut-off name.
+            raise WeightsError(
+                f"{path} is truncated or corrupt (its pickle stream names "
+                f"`{match.group(1)}`, which does not exist)"
+            ) from None
         what = f" (`{match.group(1)}`)" if match else ""
         raise WeightsError(
             f"refusing to load {path}: it holds a Python object that is not a tensor{what}, "
@@ -176,10 +205,11 @@ def _torch_load(path: Path) -> Any:
             f"{_CONVERT_HELP}. If the file should hold only tensors, it may be truncated "
             "or corrupt."
         ) from None
-    except (EOFError, RuntimeError, KeyError, ValueError, OSError, AttributeError) as exc:
+    except Exception as exc:  # EOFError, RuntimeError (bad zip), KeyError, ...
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise WeightsError(
-            f"{path} is truncated, corrupt or not a PyTorch/safetensors weight file: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip()
+            f"{path} is truncated, corrupt or not a PyTorch/safetensors weight file{not_st} "
+            f"({type(exc).__name__}: {first_line})"
         ) from exc
 
 
@@ -191,7 +221,7 @@ def _normalize(obj: Any, source: str) -> dict[str, torch.Tensor]:
         )
     for key in _WRAPPER_KEYS:
         inner = obj.get(key)
-        if isinstance(inner, Mapping) and not isinstance(obj.get(key), torch.Tensor):
+        if isinstance(inner, Mapping):
             obj = inner
             break
     state: dict[str, torch.Tensor] = {}
@@ -204,7 +234,9 @@ def _normalize(obj: Any, source: str) -> dict[str, torch.Tensor]:
         else:
             bad.append(f"{key} ({type(value).__name__})")
     if bad:
-        listed = ", ".join(bad[:_MAX_LISTED]) + (f", … ({len(bad)} in all)" if len(bad) > 10 else "")
+        listed = ", ".join(bad[:_MAX_LISTED])
+        if len(bad) > _MAX_LISTED:
+            listed += f", … ({len(bad)} in all)"
         raise WeightsError(
             f"{source} is not a plain state dict: entries that are not tensors: {listed}. "
             f"{_CONVERT_HELP}"
@@ -240,13 +272,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     _check_file(path)
-    if is_safetensors(path):
-        state: Any = _load_safetensors(path)
-    elif path.suffix.lower() == ".safetensors" and _read_prefix(path, 2) != b"PK":
-        # Named like safetensors but not recognisable as one (nor as a torch zip file).
-        raise WeightsError(f"{path} is truncated or not a valid safetensors file")
-    else:
-        state = _torch_load(path)
+    state = _load_safetensors(path) if is_safetensors(path) else _torch_load(path)
     return _normalize(state, str(path))
 
 
@@ -268,15 +294,16 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str | None:
     """Suggest a prefix to add or drop when the two key sets differ only by one."""
     if not missing or not unexpected:
         return None
+    missing_set, unexpected_set = set(missing), set(unexpected)
     firsts = {k.split(".", 1)[0] for k in unexpected if "." in k}
     if len(firsts) == 1 and all("." in k for k in unexpected):
         prefix = next(iter(firsts)) + "."
-        if all(k[len(prefix) :] in set(missing) for k in unexpected):
+        if all(k[len(prefix) :] in missing_set for k in unexpected):
             return f"the file's keys carry an extra {prefix!r} prefix"
     firsts = {k.split(".", 1)[0] for k in missing if "." in k}
     if len(firsts) == 1 and all("." in k for k in missing):
         prefix = next(iter(firsts)) + "."
-        if all(k[len(prefix) :] in set(unexpected) for k in missing):
+        if all(k[len(prefix) :] in unexpected_set for k in missing):
             return f"the model's keys carry a {prefix!r} prefix that the file's lack"
     return None
 
@@ -309,19 +336,19 @@ def load_weights(
 
     Example:
         >>> import torch
-        >>> load_weights(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2), "bias": torch.zeros(1)})
+        >>> weights = {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}
+        >>> load_weights(torch.nn.Linear(2, 1), weights)
         Linear(in_features=2, out_features=1, bias=True)
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        source = str(path_or_state_dict)
+        source, holder = str(path_or_state_dict), "file"
         state = read_state_dict(path_or_state_dict)
     elif isinstance(path_or_state_dict, Mapping):
-        source = "the state dict"
+        source, holder = "the state dict", "state dict"
         state = _normalize(path_or_state_dict, source)
     else:
         raise WeightsError(
-            "expected a weight file path or a state dict, got "
-            f"{type(path_or_state_dict).__name__}"
+            f"expected a weight file path or a state dict, got {type(path_or_state_dict).__name__}"
         )
 
     expected = model.state_dict()
@@ -333,7 +360,7 @@ def load_weights(
             continue
         if state[key].shape != target.shape:
             conflicts.append(
-                f"{key}: model expects {_shape(target)}, file has {_shape(state[key])}"
+                f"{key}: model expects {_shape(target)}, {holder} has {_shape(state[key])}"
             )
 
     if conflicts or (strict and (missing or unexpected)):

@@ -183,7 +183,8 @@ def read_idx(path: str | Path) -> np.ndarray:
             message names the file and the problem.
 
     Example:
-        >>> labels = read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+        >>> path = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
+        >>> labels = read_idx(path)  # doctest: +SKIP
         >>> labels.shape, labels.dtype  # doctest: +SKIP
         ((10000,), dtype('uint8'))
     """
@@ -288,7 +289,11 @@ def load_fashion_mnist(
     images = _read_file_cached(image_path)
     labels = _read_file_cached(label_path)
 
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (_IMAGE_SIDE, _IMAGE_SIDE):
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 3
+        or images.shape[1:] != (_IMAGE_SIDE, _IMAGE_SIDE)
+    ):
         raise DataError(
             f"{image_path}: expected uint8 images of shape [N, {_IMAGE_SIDE}, {_IMAGE_SIDE}], "
             f"found {images.dtype} {list(images.shape)}"

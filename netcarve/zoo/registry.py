@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import FASHION_MNIST_CLASSES, SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD
+# Submodules, not the package: netcarve.data imports the preset from this package.
+from ..data.fashion_mnist import FASHION_MNIST_CLASSES
+from ..data.shapes import SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD
 from ..errors import ModelSpecError
 from ..weights import load_weights, read_metadata
 from .preset import Preset

@@ -1,0 +1,554 @@
+"""Feature-preserving circuits: score kernels, keep the top fraction, measure preservation.
+
+A :class:`Circuit` is a set of kernel masks ``{layer: bool[out, in/groups]}`` over the layers
+upstream of a target, plus the scores that chose them and the provenance needed to reproduce
+them. Masking follows the project convention: kernel weights are zeroed, biases and BatchNorm
+stay (a channel with no kernels left emits a constant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .criteria import ScoringContext, get_criterion
+from .errors import NetcarveError
+from .graph import ModelGraph
+from .hooks import apply_kernel_masks, preserved_state, stop_at
+from .preservation import Preservation, PreservationMeter
+from .targets import Target
+
+
+class CircuitError(NetcarveError):
+    """Bad extraction arguments (keep outside (0, 1], empty image set, ...)."""
+
+
+GRANULARITIES = ("kernel", "filter")
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def select_top_k(
+    scores: dict[str, torch.Tensor],
+    candidates: dict[str, torch.Tensor],
+    k: int,
+    *,
+    per_layer_norm: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Keep exactly ``k`` candidates with the highest scores across all layers.
+
+    Ties are broken deterministically by position: layers in the order of ``candidates``
+    (topological), then row-major within a layer — the earlier entry wins.
+
+    Args:
+        scores: ``{layer: float tensor}``; same shapes as ``candidates``.
+        candidates: ``{layer: bool tensor}``, the entries eligible for selection.
+        k: how many to keep (clipped to the number of candidates).
+        per_layer_norm: divide each layer's scores by the mean score of its candidates first,
+            so layers with large activations do not take the whole budget.
+
+    Returns:
+        ``{layer: bool tensor}`` with exactly ``min(k, #candidates)`` True entries.
+
+    Raises:
+        CircuitError: a score is NaN.
+
+    Example:
+        >>> s = {"a": torch.tensor([[3.0, 1.0]]), "b": torch.tensor([[3.0, 2.0]])}
+        >>> c = {"a": torch.ones(1, 2, dtype=torch.bool), "b": torch.ones(1, 2, dtype=torch.bool)}
+        >>> {n: m.tolist() for n, m in select_top_k(s, c, 2).items()}
+        {'a': [[True, False]], 'b': [[True, False]]}
+    """
+    names = list(candidates)
+    flat_scores, flat_cand = [], []
+    for name in names:
+        cand = candidates[name].reshape(-1).cpu()
+        s = scores[name].detach().reshape(-1).double().cpu()
+        if torch.isnan(s[cand]).any():
+            raise CircuitError(f"NaN scores in layer {name}: check the model and inputs")
+        if per_layer_norm and cand.any():
+            mean = s[cand].abs().mean()
+            if mean > 0:
+                s = s / mean
+        flat_scores.append(s)
+        flat_cand.append(cand)
+    all_scores = torch.cat(flat_scores) if flat_scores else torch.empty(0, dtype=torch.float64)
+    all_cand = torch.cat(flat_cand) if flat_cand else torch.empty(0, dtype=torch.bool)
+    idx = torch.nonzero(all_cand).flatten()
+    k = max(0, min(int(k), idx.numel()))
+    # Stable sort of the negated scores: equal scores keep index order.
+    order = torch.sort(-all_scores[idx], stable=True).indices[:k]
+    chosen = torch.zeros_like(all_cand)
+    chosen[idx[order]] = True
+    out, start = {}, 0
+    for name in names:
+        n = candidates[name].numel()
+        out[name] = chosen[start : start + n].reshape(candidates[name].shape)
+        start += n
+    return out
+
+
+def count(masks: dict[str, torch.Tensor]) -> int:
+    """Number of True entries over all masks."""
+    return int(sum(int(m.sum()) for m in masks.values()))
+
+
+def keep_count(keep: float, relevant: dict[str, torch.Tensor]) -> int:
+    """Exact number of kernels a keep fraction means: ``round(keep × relevant)``, at least 1."""
+    return max(1, round(keep * count(relevant)))
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of a model's state dict (first 16 hex)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(images: torch.Tensor) -> str:
+    """SHA-256 of an image tensor's shape and bytes (first 16 hex)."""
+    t = images.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size].to(device)
+
+
+@torch.no_grad()
+def target_responses(
+    model: nn.Module,
+    graph: ModelGraph,
+    target: Target,
+    images: torch.Tensor,
+    *,
+    masks: dict[str, torch.Tensor] | None = None,
+    batch_size: int = 256,
+) -> Iterator[torch.Tensor]:
+    """Yield the target response map batch by batch (the forward stops at the target layer).
+
+    Args:
+        model: the model (its state is restored afterwards).
+        graph: its :class:`ModelGraph`.
+        target: a resolved target.
+        images: normalised inputs ``[N, C, H, W]``.
+        masks: kernel masks to apply (None: the original model).
+        batch_size: images per forward pass.
+
+    Yields:
+        ``target.response(z)`` for each batch, on CPU.
+    """
+    device = _device_of(model)
+    with preserved_state(model), _maybe_masked(model, graph, masks):
+        model.eval()
+        with stop_at(model, target.layer) as run:
+            for xb in _batches(images, batch_size, device):
+                yield target.response(run(xb)).cpu()
+
+
+@contextmanager
+def _maybe_masked(model: nn.Module, graph: ModelGraph, masks: dict[str, torch.Tensor] | None):
+    if masks is None:
+        yield
+    else:
+        with apply_kernel_masks(model, graph, masks):
+            yield
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def measure_preservation(
+    model: nn.Module,
+    graph: ModelGraph,
+    target: Target,
+    masks: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    original: list[torch.Tensor] | None = None,
+) -> Preservation:
+    """Preservation of ``target`` by the masked model on ``images``.
+
+    Args:
+        original: precomputed original responses (one tensor per batch, as yielded by
+            :func:`target_responses` with the same ``batch_size``) to skip recomputing them.
+
+    Returns:
+        A :class:`~netcarve.preservation.Preservation`.
+    """
+    if original is None:
+        original = list(target_responses(model, graph, target, images, batch_size=batch_size))
+    meter = PreservationMeter()
+    masked = target_responses(model, graph, target, images, masks=masks, batch_size=batch_size)
+    for orig, circ in zip(original, masked, strict=True):
+        meter.update(orig, circ)
+    return meter.result()
+
+
+# ---------------------------------------------------------------------------- circuit
+
+
+@dataclass
+class Circuit:
+    """A feature-preserving circuit: kernel masks for one target, with provenance.
+
+    Attributes:
+        target: the preserved target.
+        criterion: saliency criterion used to score kernels.
+        keep: requested keep fraction of the relevant kernels.
+        masks: effective kernel masks ``{layer: bool[out, in/groups]}`` (every relevant layer).
+        scores: the criterion's scores ``{layer: float[out, in/groups]}``.
+        relevant: relevant-kernel masks (upstream of the target, plus kernels into it).
+        selected: kernels chosen by top-k before the effective-mask clean-up.
+        collapsed: True when no path from the input to the target survives.
+        preservation: measured on held-out images (not used for scoring).
+        preservation_scoring: measured on the scoring images.
+        metadata: seed, granularity, fingerprints, input shape, timings, version.
+    """
+
+    target: Target
+    criterion: str
+    keep: float
+    masks: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+    relevant: dict[str, torch.Tensor]
+    selected: int
+    collapsed: bool
+    preservation: Preservation | None = None
+    preservation_scoring: Preservation | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def relevant_kernels(self) -> int:
+        """Number of relevant kernels (the denominator of ``keep``)."""
+        return count(self.relevant)
+
+    @property
+    def kept_kernels(self) -> int:
+        """Kernels in the effective masks."""
+        return count(self.masks)
+
+    @property
+    def effective_keep(self) -> float:
+        """Kept ÷ relevant kernels after the effective-mask clean-up."""
+        return self.kept_kernels / max(self.relevant_kernels, 1)
+
+    def per_layer(self) -> list[dict[str, Any]]:
+        """Relevant and kept kernel counts per layer, in topological order."""
+        return [
+            {"layer": name, "relevant": int(rel.sum()), "kept": int(self.masks[name].sum())}
+            for name, rel in self.relevant.items()
+        ]
+
+    def graph_for(self, model: nn.Module) -> ModelGraph:
+        """Build the model graph with the input shape the circuit was extracted with."""
+        shape = self.metadata.get("input_shape")
+        if shape is None:
+            raise CircuitError("circuit metadata lacks 'input_shape'; pass a graph explicitly")
+        p = next(model.parameters())
+        return ModelGraph.build(model, torch.zeros(1, *shape, dtype=p.dtype, device=p.device))
+
+    @contextmanager
+    def masked(self, model: nn.Module, graph: ModelGraph | None = None) -> Iterator[nn.Module]:
+        """Context manager: the model with this circuit's masks applied (restored on exit).
+
+        Example:
+            >>> with circuit.masked(model) as m:  # doctest: +SKIP
+            ...     y = m(x)
+        """
+        graph = graph or self.graph_for(model)
+        with apply_kernel_masks(model, graph, self.masks):
+            yield model
+
+    def to_module(self, model: nn.Module, graph: ModelGraph | None = None):
+        """A standalone, physically smaller module computing the target layer's raw output
+        on the target channels, equal to the masked model (see :mod:`netcarve.surgery`).
+
+        Returns:
+            a :class:`~netcarve.surgery.CircuitModule`.
+        """
+        from .surgery import extract_module
+
+        graph = graph or self.graph_for(model)
+        return extract_module(model, graph, self.masks, self.target.layer, self.target.channels)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly summary (what ``summary.json`` holds)."""
+        return {
+            "target": str(self.target),
+            "target_layer": self.target.layer,
+            "target_channels": self.target.channels,
+            "criterion": self.criterion,
+            "keep": self.keep,
+            "granularity": self.metadata.get("granularity", "kernel"),
+            "relevant_kernels": self.relevant_kernels,
+            "selected_kernels": self.selected,
+            "kept_kernels": self.kept_kernels,
+            "effective_keep": self.effective_keep,
+            "collapsed": self.collapsed,
+            "preservation_heldout": None
+            if self.preservation is None
+            else self.preservation.to_dict(),
+            "preservation_scoring": None
+            if self.preservation_scoring is None
+            else self.preservation_scoring.to_dict(),
+            "per_layer": self.per_layer(),
+            **{k: v for k, v in self.metadata.items() if k not in ("granularity",)},
+        }
+
+    def save(self, path) -> None:
+        """Write the circuit file (safetensors + JSON metadata); see :mod:`netcarve.circuit_io`."""
+        from .circuit_io import save_circuit
+
+        save_circuit(self, path)
+
+    @classmethod
+    def load(cls, path) -> Circuit:
+        """Read a circuit file written by :meth:`save` (nothing is unpickled)."""
+        from .circuit_io import load_circuit
+
+        return load_circuit(path)
+
+
+# ---------------------------------------------------------------------------- extraction
+
+
+def _as_target(target: Target | str, graph: ModelGraph) -> Target:
+    t = Target.parse(target) if isinstance(target, str) else target
+    return t.resolve(graph)
+
+
+def _split_heldout(
+    images: torch.Tensor, heldout: torch.Tensor | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if heldout is not None:
+        return images, heldout
+    if len(images) < 2:
+        raise CircuitError("need at least 2 images to split into scoring and held-out halves")
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    half = len(images) // 2
+    return images[perm[:half]], images[perm[half:]]
+
+
+def _filter_candidates(
+    relevant: dict[str, torch.Tensor], target_layer: str
+) -> dict[str, torch.Tensor]:
+    """Relevant filters: rows with a relevant kernel; the target's own filters always stay."""
+    return {
+        name: rel.any(dim=1) for name, rel in relevant.items() if name != target_layer
+    }
+
+
+def score_kernels(
+    model: nn.Module,
+    graph: ModelGraph,
+    target: Target,
+    images: torch.Tensor,
+    *,
+    criterion: str = "actgrad",
+    granularity: str = "kernel",
+    keep: float = 1.0,
+    masks: dict[str, torch.Tensor] | None = None,
+    relevant: dict[str, torch.Tensor] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Score the relevant kernels (or filters) of a target with a saliency criterion.
+
+    Args:
+        model, graph, target: the model, its graph, a resolved target.
+        images: normalised scoring images ``[N, C, H, W]`` (streamed in batches).
+        criterion: ``actgrad``, ``snip``, ``force``, ``magnitude`` or ``random``.
+        granularity: ``"kernel"`` (``[out, in/groups]`` scores) or ``"filter"`` (``[out]``).
+        keep: final keep fraction (FORCE's schedule depends on it).
+        masks: kernel masks applied while scoring (iterative re-scoring).
+        relevant: relevant-kernel masks (computed when omitted).
+        batch_size: images per batch.
+        seed: seed for the random criterion.
+
+    Returns:
+        ``{layer: scores}`` for every relevant layer.
+    """
+    if granularity not in GRANULARITIES:
+        raise CircuitError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    relevant = relevant if relevant is not None else graph.relevant_kernels(
+        target.layer, target.channels
+    )
+    crit = get_criterion(criterion)
+    device = _device_of(model)
+    ctx = ScoringContext(
+        model=model,
+        graph=graph,
+        target=target,
+        batches=lambda: _batches(images, batch_size, device),
+        layers=list(relevant),
+        masks=masks,
+        keep=keep,
+        seed=seed,
+        relevant=relevant,
+    )
+    if granularity == "kernel":
+        return crit.kernel_scores(ctx)
+    return crit.filter_scores(ctx)
+
+
+def extract(
+    model: nn.Module,
+    target: Target | str,
+    images: torch.Tensor,
+    *,
+    heldout: torch.Tensor | None = None,
+    criterion: str = "actgrad",
+    keep: float = 0.1,
+    granularity: str = "kernel",
+    per_layer_norm: bool = False,
+    steps: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+    graph: ModelGraph | None = None,
+    measure: bool = True,
+) -> Circuit:
+    """Extract a feature-preserving circuit for ``target``.
+
+    Scores every relevant kernel (those upstream of the target plus the kernels into it) on
+    the scoring ``images``, keeps exactly ``round(keep × relevant)`` of them (global top-k,
+    deterministic ties), removes kernels that lie on no input → target path (effective mask),
+    and measures preservation on ``heldout`` images.
+
+    Args:
+        model: any CNN ``nn.Module`` (it comes back exactly as it was).
+        target: a :class:`Target` or a string such as ``"features.8:42"``.
+        images: normalised scoring images ``[N, C, H, W]``.
+        heldout: normalised held-out images for preservation. When omitted, ``images`` is
+            split in two halves at random (seeded): one scores, the other measures.
+        criterion: ``actgrad`` (default), ``snip``, ``force``, ``magnitude`` or ``random``.
+        keep: fraction of relevant kernels to keep, in (0, 1].
+        granularity: ``"kernel"`` or ``"filter"`` (keep whole filters; the target's own
+            filters always stay and ``keep`` counts the other relevant filters).
+        per_layer_norm: normalise scores per layer before the global top-k.
+        steps: >1 for iterative re-scoring: keep ``keep**(t/steps)`` at step t, re-scoring
+            with the current mask applied (FORCE iterates by itself).
+        batch_size: images per forward pass.
+        seed: seeds the random criterion and the scoring/held-out split.
+        graph: a prebuilt :class:`ModelGraph` (built from ``images[:1]`` when omitted).
+        measure: measure preservation (skip for speed when only masks are needed).
+
+    Returns:
+        A :class:`Circuit`. Total collapse is reported in ``circuit.collapsed``.
+
+    Raises:
+        CircuitError: keep outside (0, 1], no images, bad granularity or steps.
+        GraphError / TargetError: unknown layer, channel out of range, untraceable model.
+
+    Example:
+        >>> from netcarve.zoo import load_model
+        >>> lm = load_model("fmnist_vgg")  # doctest: +SKIP
+        >>> c = extract(lm.model, "features.10:3", x, heldout=x_test, keep=0.1)  # doctest: +SKIP
+        >>> round(c.preservation.pearson, 2)  # doctest: +SKIP
+        0.93
+    """
+    if not (isinstance(keep, (int, float)) and 0 < keep <= 1) or math.isnan(keep):
+        raise CircuitError(f"keep must be in (0, 1], got {keep!r}")
+    if steps < 1:
+        raise CircuitError(f"steps must be >= 1, got {steps}")
+    if len(images) == 0:
+        raise CircuitError("no scoring images given")
+    if granularity not in GRANULARITIES:
+        raise CircuitError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    start = time.perf_counter()
+    p = next(model.parameters())
+    images = images.to(dtype=p.dtype)
+    if graph is None:
+        graph = ModelGraph.build(model, images[:1].to(p.device))
+    target = _as_target(target, graph)
+    scoring, held = _split_heldout(images, heldout, seed)
+    held = held.to(dtype=p.dtype)
+    relevant = graph.relevant_kernels(target.layer, target.channels)
+    common = dict(batch_size=batch_size, seed=seed, relevant=relevant)
+
+    if granularity == "filter":
+        cands = _filter_candidates(relevant, target.layer)
+        scores = score_kernels(model, graph, target, scoring, criterion=criterion,
+                               granularity="filter", keep=keep, **common)
+        k = round(keep * count(cands))
+        kept_filters = select_top_k(scores, cands, k, per_layer_norm=per_layer_norm)
+        raw = {
+            name: rel & (kept_filters[name][:, None] if name in kept_filters else True)
+            for name, rel in relevant.items()
+        }
+        selected = count(kept_filters)
+    else:
+        k_final = keep_count(keep, relevant)
+        current = {name: rel.clone() for name, rel in relevant.items()}
+        n_steps = 1 if criterion == "force" else steps
+        for t in range(1, n_steps + 1):
+            keep_t = keep ** (t / n_steps)
+            k_t = k_final if t == n_steps else max(k_final, round(keep_t * count(relevant)))
+            scores = score_kernels(
+                model, graph, target, scoring, criterion=criterion, keep=keep,
+                masks=None if t == 1 else current, **common,
+            )
+            current = select_top_k(scores, current, k_t, per_layer_norm=per_layer_norm)
+        raw = current
+        selected = count(raw)
+    masks, collapsed = graph.effective_mask(raw, target.layer, target.channels)
+    scoring_seconds = time.perf_counter() - start
+
+    circuit = Circuit(
+        target=target,
+        criterion=criterion,
+        keep=float(keep),
+        masks=masks,
+        scores={n: s.detach().float().cpu() for n, s in scores.items()},
+        relevant=relevant,
+        selected=selected,
+        collapsed=collapsed,
+        metadata={
+            "granularity": granularity,
+            "per_layer_norm": per_layer_norm,
+            "steps": steps,
+            "seed": seed,
+            "input_shape": list(images.shape[1:]),
+            "scoring_images": len(scoring),
+            "heldout_images": len(held),
+            "model_fingerprint": model_fingerprint(model),
+            "scoring_data_fingerprint": data_fingerprint(scoring),
+            "heldout_data_fingerprint": data_fingerprint(held),
+            "netcarve_version": __version__,
+            "torch_version": torch.__version__,
+            "scoring_seconds": scoring_seconds,
+        },
+    )
+    if measure:
+        circuit.preservation = measure_preservation(model, graph, target, masks, held,
+                                                    batch_size=max(batch_size, 256))
+        circuit.preservation_scoring = measure_preservation(
+            model, graph, target, masks, scoring, batch_size=max(batch_size, 256)
+        )
+    circuit.metadata["seconds"] = time.perf_counter() - start
+    return circuit

@@ -23,7 +23,7 @@ demo: setup
 	$(VENV)/bin/netcarve demo --out out/demo
 
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check netcarve tests bench

@@ -313,9 +313,9 @@ def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: fl
 @_fail_cleanly
 def demo(out: Path) -> None:
     """Run the main job on the embedded default and print the report's path."""
-    from .report import zoo_report
+    from .demo import run_demo
 
-    path = zoo_report(out, progress=True)
+    path = run_demo(out, progress=True)
     click.echo(str(path))
 
 

@@ -97,7 +97,7 @@ class PreservationMeter:
         nmad = self._abs_diff / self._abs_orig if self._abs_orig > 0 else float("nan")
         per_image = torch.cat(self._per_image) if self._per_image else torch.empty(0)
         valid = per_image[~torch.isnan(per_image)]
-        median = float(valid.median()) if valid.numel() else float("nan")
+        median = float(torch.quantile(valid, 0.5)) if valid.numel() else float("nan")
         return Preservation(
             pearson=float(max(-1.0, min(1.0, pearson))) if not math.isnan(pearson) else pearson,
             nmad=nmad,

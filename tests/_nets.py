@@ -200,6 +200,32 @@ class Conv1dNet(nn.Module):
         return torch.randn(batch, 2, 5)
 
 
+class SENet(nn.Module):
+    """Squeeze-excitation gate (spatial mean → Linear → sigmoid → ``x * w[:, :, None, None]``),
+    ``torch.split`` along channels, a channel slice ``x[:, 4:]`` and a reordering cat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6, 3)
+        self.fc2 = nn.Linear(3, 6)
+        self.conv2 = nn.Conv2d(4, 3, 1)
+        self.conv3 = nn.Conv2d(7, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        x = x * w[:, :, None, None]
+        a, b = torch.split(x, [2, 4], dim=1)
+        y = self.conv2(b)
+        z = torch.cat([x[:, 4:], a], dim=1)
+        return self.conv3(torch.cat([z, y], dim=1))
+
+    @staticmethod
+    def example_input(batch: int = 2) -> torch.Tensor:
+        return torch.randn(batch, 3, 4, 4)
+
+
 class PermuteNet(nn.Module):
     """Mixes channels with ``permute`` before a conv: the graph must refuse it."""
 
@@ -282,6 +308,7 @@ NETS: dict[str, Callable[[], nn.Module]] = {
     "group": GroupNet,
     "functional": FunctionalNet,
     "conv1d": Conv1dNet,
+    "se": SENet,
 }
 """The nets the channel graph must handle (brute-force checks loop over these)."""
 

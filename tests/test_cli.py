@@ -81,3 +81,52 @@ def test_bad_flag_value_is_a_usage_error():
     proc = run("evaluate", "fmnist_vgg", "--limit", "0")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+REQUIRED_SUMMARY_KEYS = ("target", "criterion", "keep", "kept_kernels", "relevant_kernels",
+                         "preservation_heldout", "preservation_scoring", "seconds")
+
+
+def test_extract_writes_circuit_and_summary(tmp_path):
+    out = tmp_path / "c"
+    proc = run("extract", "fmnist_vgg", "features.11:5", "--keep", "0.1", "--images", "100",
+               "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(proc.stdout) == summary
+    for key in REQUIRED_SUMMARY_KEYS:
+        assert key in summary
+    assert summary["preservation_heldout"]["n_images"] == 100
+    assert summary["selected_kernels"] == round(0.1 * summary["relevant_kernels"])
+    from netcarve.circuit import Circuit
+
+    c = Circuit.load(out / "circuit.safetensors")
+    assert c.kept_kernels == summary["kept_kernels"]
+
+
+def test_extract_user_mistakes_are_clean(tmp_path):
+    proc = run("extract", "fmnist_vgg", "features.12:5", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "features.11" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("extract", "fmnist_vgg", "features.11:500", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "0..127" in proc.stderr
+    proc = run("extract", "fmnist_vgg", "features.11:5", "--keep", "1.5",
+               "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_sweep_and_subcircuits_commands(tmp_path):
+    proc = run("sweep", "fmnist_vgg", "--units", "features.7:1,features.11:2",
+               "--criteria", "actgrad,magnitude", "--keeps", "0.5,0.1", "--images", "60",
+               "--out", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "s" / "sweep.png").exists() and (tmp_path / "s" / "sweep.csv").exists()
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["units"] == 2 and set(summary["median_preservation"]) == {
+        "actgrad", "magnitude"}
+    proc = run("subcircuits", "fmnist_vgg", "features.11:5", "--images", "60",
+               "--out", str(tmp_path / "g"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert len(summary["subcircuits"]) == 2
+    assert (tmp_path / "g" / "subcircuit_1.safetensors").exists()

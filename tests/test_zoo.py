@@ -66,8 +66,9 @@ def test_presets_know_their_inputs():
 def test_load_model_returns_eval_mode_and_is_deterministic():
     a, b = load_model("fmnist_vgg"), load_model("fmnist_vgg")
     assert not a.model.training
-    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_unknown_model_suggests_close_names():

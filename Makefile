@@ -5,12 +5,19 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.netcarve-installed
 TORCH  := torch==2.13.0
 
-.PHONY: setup system-deps demo test lint clean
+# Debian packages: the data for everything, a browser for the diagram tests.
+DEMO_DEBS := dataset-fashion-mnist
+TEST_DEBS := dataset-fashion-mnist chromium chromium-driver
 
-setup: system-deps $(STAMP)
+.PHONY: setup demo-deps test-deps demo test lint clean
 
-system-deps:
-	@bash scripts/setup-system.sh
+setup: test-deps $(STAMP)
+
+demo-deps:
+	@bash scripts/setup-system.sh $(DEMO_DEBS)
+
+test-deps:
+	@bash scripts/setup-system.sh $(TEST_DEBS)
 
 # torch goes in first and pinned, so nothing below can pull a newer (CUDA) build.
 $(STAMP): pyproject.toml
@@ -19,10 +26,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[all,test]" "$(TORCH)"
 	@touch $(STAMP)
 
-demo: setup
+demo: demo-deps $(STAMP)
 	$(VENV)/bin/netcarve demo --out out/demo
 
-test: setup lint
+test: test-deps $(STAMP) lint
 	$(PY) -m pytest -q -n 2 --durations=15
 
 lint: $(STAMP)

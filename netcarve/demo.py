@@ -14,7 +14,7 @@ import torch
 
 from .circuit import extract
 from .evaluation import analysis_data
-from .report import zoo_report
+from .report import accuracy_table, zoo_report
 from .zoo import load_model
 
 DEMO_MODEL = "fmnist_vgg"
@@ -37,7 +37,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True) -> Path
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    zoo_md = zoo_report(out / "zoo", progress=progress)
+    zoo_md, zoo_results = zoo_report(out / "zoo", progress=progress)
 
     lm = load_model(DEMO_MODEL)
     scoring, heldout = analysis_data(lm.preset, 1000, 1000, seed=0)
@@ -52,8 +52,9 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True) -> Path
     with torch.no_grad(), circuit.masked(lm.model) as masked:
         from .hooks import forward_until
 
-        expected = forward_until(masked, circuit.target.layer, heldout[:64])[:, circuit.target.channels]
-    got = module(heldout[:64])
+        z = forward_until(masked, circuit.target.layer, heldout[:64])
+        expected = z[:, circuit.target.channels]
+        got = module(heldout[:64])
     summary["module"] = {
         **module.compare(lm.model, tuple(heldout.shape[1:])),
         "max_abs_difference_vs_masked_model": float((got - expected).abs().max()),
@@ -61,12 +62,16 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True) -> Path
     (cdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
     pres = circuit.preservation
+    m = summary["module"]
     lines = [
         "# netcarve demo",
         "",
-        f"## Model zoo\n\nEvery bundled model measured on its real test set: [zoo report]({zoo_md.relative_to(out)}).",
+        "## Model zoo",
         "",
-        (zoo_md.read_text().split("\n\n", 2)[2].split("\n## ")[0]),
+        "Every bundled model measured on its full real test set "
+        f"([zoo report]({zoo_md.relative_to(out)})):",
+        "",
+        accuracy_table(zoo_results),
         "",
         f"## Circuit of `{DEMO_MODEL}` unit `{circuit.target}`",
         "",
@@ -78,8 +83,10 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True) -> Path
         f"- preservation on the 1,000 scoring images: r = "
         f"{circuit.preservation_scoring.pearson:.3f}",
         f"- extraction took {circuit.metadata['seconds']:.1f} s",
-        f"- standalone module: {summary['module']['module_parameters']:,} parameters "
-        f"(original {summary['module']['original_parameters']:,})",
+        f"- standalone module (`circuit.to_module()`): {m['parameters']:,} parameters and "
+        f"{m['macs']:,} multiply-adds vs {m['original_parameters']:,} and "
+        f"{m['original_macs']:,} for the whole model; largest difference from the masked "
+        f"model {m['max_abs_difference_vs_masked_model']:.2e}",
         "",
         "| layer | relevant kernels | kept |",
         "|---|---|---|",

@@ -57,7 +57,22 @@ def _sample_figure(name: str, images: torch.Tensor, labels: torch.Tensor, preds:
     plt.close(fig)
 
 
-def zoo_report(out_dir: str | Path, *, progress: bool = False) -> Path:
+def accuracy_table(reports: list[ModelReport]) -> str:
+    """Markdown table of measured vs recorded accuracy, one row per model."""
+    lines = [
+        "| model | data set | test images | measured top-1 | recorded at training | parameters |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        rec = "—" if r.recorded_accuracy is None else f"{r.recorded_accuracy:.2%}"
+        lines.append(
+            f"| {r.name} | {r.dataset} | {r.test_images:,} | {r.measured_accuracy:.2%} | {rec} "
+            f"| {r.parameters:,} |"
+        )
+    return "\n".join(lines)
+
+
+def zoo_report(out_dir: str | Path, *, progress: bool = False) -> tuple[Path, list[ModelReport]]:
     """Evaluate every bundled model on its full real test set and write a report.
 
     Args:
@@ -65,7 +80,7 @@ def zoo_report(out_dir: str | Path, *, progress: bool = False) -> Path:
         progress: show progress bars.
 
     Returns:
-        The path of the Markdown report.
+        The path of the Markdown report and the per-model results.
 
     Example:
         >>> zoo_report("out/demo")  # doctest: +SKIP
@@ -101,19 +116,12 @@ def zoo_report(out_dir: str | Path, *, progress: bool = False) -> Path:
         "Each bundled model evaluated on its full test set (Fashion-MNIST: the 10,000 official "
         "test images; coloured shapes: 10,000 images from the held-out seed).",
         "",
-        "| model | data set | test images | measured top-1 | recorded at training | parameters |",
-        "|---|---|---|---|---|---|",
+        accuracy_table(reports),
+        "",
     ]
-    for r in reports:
-        rec = "—" if r.recorded_accuracy is None else f"{r.recorded_accuracy:.2%}"
-        lines.append(
-            f"| {r.name} | {r.dataset} | {r.test_images:,} | {r.measured_accuracy:.2%} | {rec} "
-            f"| {r.parameters:,} |"
-        )
-    lines.append("")
     for r in reports:
         lines += [f"## {r.name}", "", f"![{r.name} sample predictions]({r.figure})", ""]
     md = out / "zoo.md"
     md.write_text("\n".join(lines))
     (out / "zoo.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2))
-    return md
+    return md, reports

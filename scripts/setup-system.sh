@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian packages netcarve needs (idempotent: installed ones are skipped).
+# Installs the Debian packages given as arguments (idempotent: installed ones are skipped).
+# Usage: setup-system.sh PACKAGE...
 # Not root and something missing: print the exact command, and the NETCARVE_DATA alternative.
 set -euo pipefail
 
-PACKAGES=(dataset-fashion-mnist)
+PACKAGES=("$@")
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

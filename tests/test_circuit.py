@@ -101,11 +101,13 @@ def _last_conv(net, x):
 def test_preservation_is_measured_with_the_masks():
     net, _ = make("plain", double=False)
     x = net.example_input(20)
-    c = extract(net, "features.4:0", x[:10], heldout=x[10:], keep=0.2, criterion="magnitude")
+    c = extract(net, "features.4:0", x[:10], heldout=x[10:], keep=0.5, criterion="magnitude")
+    assert not c.collapsed
     graph = ModelGraph.build(net, x[:1])
-    z = forward_until(net, "features.4", x[10:])[:, 0]
-    with apply_kernel_masks(net, graph, c.masks):
-        zc = forward_until(net, "features.4", x[10:])[:, 0]
+    with torch.no_grad():
+        z = forward_until(net, "features.4", x[10:])[:, 0]
+        with apply_kernel_masks(net, graph, c.masks):
+            zc = forward_until(net, "features.4", x[10:])[:, 0]
     r = torch.corrcoef(torch.stack([z.flatten(), zc.flatten()]))[0, 1]
     assert abs(float(r) - c.preservation.pearson) < 1e-5
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
@@ -211,7 +212,7 @@ def _conv_single_input(geo: _Conv, x: torch.Tensor, g: torch.Tensor,
         s = _sum_but(a.mul_(_take(g[n0:n0 + step], 1, rsel)).abs_(), 1)
         total = s if total is None else total + s
     assert total is not None
-    return total[:, None]
+    return total[:, None].to(torch.float64)
 
 
 def _conv_pointwise(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
@@ -247,16 +248,43 @@ def _conv_rows_depthwise(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.
     return out
 
 
+def _parallel(fn: Callable[[list[int]], torch.Tensor], items: list[int],
+              device: torch.device) -> torch.Tensor:
+    """``Σ fn(part)`` over contiguous parts of ``items``, one Python thread per part on CPU.
+
+    Torch ops release the GIL, so with ``torch.get_num_threads() = k > 1`` the parts run on
+    ``k`` threads, each op single-threaded (intra-op threads are set to 1 for the duration and
+    restored). Coarse parts avoid the per-op synchronisation of intra-op parallelism, which
+    dominates for the many small products of this computation (and stalls badly on a busy
+    machine).
+    """
+    threads = torch.get_num_threads()
+    workers = min(threads, len(items)) if device.type == "cpu" else 1
+    if workers <= 1:
+        return fn(items)
+    size = math.ceil(len(items) / workers)
+    parts = [items[i:i + size] for i in range(0, len(items), size)]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            results = list(pool.map(fn, parts))
+    finally:
+        torch.set_num_threads(threads)
+    total = results[0]
+    for extra in results[1:]:
+        total = total + extra
+    return total
+
+
 def _conv_gemm(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                rsel: slice | torch.Tensor) -> torch.Tensor:
     """General kernels of one group, per input channel, by blocks. Returns ``[R, cpg]``."""
     n, cpg = x.shape[0], x.shape[1]
     r, taps = w.shape[0], geo.taps
     wk = w.reshape(r, cpg, taps)
-    active = torch.nonzero(wk.ne(0).any(dim=2).any(dim=0).cpu()).flatten()
-    out = torch.zeros(cpg, r, dtype=torch.float64, device=x.device)
-    if active.numel() == 0:
-        return out.t()
+    active = torch.nonzero(wk.ne(0).any(dim=2).any(dim=0).cpu()).flatten().tolist()
+    if not active:
+        return torch.zeros(r, cpg, dtype=torch.float64, device=x.device)
     wc = wk.permute(1, 0, 2).contiguous()  # [cpg, R, taps]
     matmul = _matmul_fn(x)
     inner = math.prod(geo.out[1:])
@@ -266,34 +294,37 @@ def _conv_gemm(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
         images, rows_per = max(1, want // per_image), geo.out[0]
     else:
         images, rows_per = 1, max(1, want // inner)
-    acc = torch.zeros(cpg, r, dtype=x.dtype, device=x.device)
-    chans = active.tolist()
-    for n0 in range(0, n, images):
-        n1 = min(n, n0 + images)
-        xpad = _padded(geo.module, x[n0:n1], geo.pad)
-        for h0 in range(0, geo.out[0], rows_per):
-            h1 = min(geo.out[0], h0 + rows_per)
-            gblk = _take(g[n0:n1, :, h0:h1], 1, rsel)
-            positions = (n1 - n0) * (h1 - h0) * inner
-            gabs = torch.empty((r, n1 - n0, h1 - h0, *geo.out[1:]), dtype=x.dtype,
-                               device=x.device)
-            torch.abs(gblk.transpose(0, 1), out=gabs)
-            gabs = gabs.view(r, positions)
-            per_block = max(1, WINDOW_ELEMENTS // (taps * positions))
-            for b0 in range(0, len(chans), per_block):
-                block = chans[b0:b0 + per_block]
-                csel = _as_slice(torch.tensor(block))
-                xs = _take(xpad, 1, csel)
-                win = torch.empty((len(block), taps, n1 - n0, h1 - h0, *geo.out[1:]),
-                                  dtype=x.dtype, device=x.device)
-                for t, tap in enumerate(geo.offsets):
-                    win[:, t].copy_(geo.window(xs, tap, h0, h1).transpose(0, 1))
-                win = win.view(len(block), taps, positions)
-                for j, c in enumerate(block):
-                    y = matmul(wc[c], win[j])
-                    torch.sum(y.abs_().mul_(gabs), dim=1, out=acc[c])
-            out += acc
-    return out.t()
+
+    def part(chans: list[int]) -> torch.Tensor:
+        out = torch.zeros(cpg, r, dtype=torch.float64, device=x.device)
+        acc = torch.zeros(cpg, r, dtype=x.dtype, device=x.device)
+        for n0 in range(0, n, images):
+            n1 = min(n, n0 + images)
+            xpad = _padded(geo.module, x[n0:n1], geo.pad)
+            for h0 in range(0, geo.out[0], rows_per):
+                h1 = min(geo.out[0], h0 + rows_per)
+                block_shape = (n1 - n0, h1 - h0, *geo.out[1:])
+                positions = math.prod(block_shape)
+                gabs = torch.empty((r, *block_shape), dtype=x.dtype, device=x.device)
+                torch.abs(_take(g[n0:n1, :, h0:h1], 1, rsel).transpose(0, 1), out=gabs)
+                gabs = gabs.view(r, positions)
+                per_block = max(1, WINDOW_ELEMENTS // (taps * positions))
+                for b0 in range(0, len(chans), per_block):
+                    block = chans[b0:b0 + per_block]
+                    xs = _take(xpad, 1, _as_slice(torch.tensor(block)))
+                    win = torch.empty((len(block), taps, *block_shape), dtype=x.dtype,
+                                      device=x.device)
+                    for t, tap in enumerate(geo.offsets):
+                        win[:, t].copy_(geo.window(xs, tap, h0, h1).transpose(0, 1))
+                    win = win.view(len(block), taps, positions)
+                    for j, c in enumerate(block):
+                        y = matmul(wc[c], win[j])
+                        torch.sum(y.abs_().mul_(gabs), dim=1, out=acc[c])
+                out += acc
+                acc.zero_()
+        return out
+
+    return _parallel(part, active, x.device).t()
 
 
 def _conv_sums(module: nn.Module, x: torch.Tensor, g: torch.Tensor,

@@ -55,6 +55,7 @@ __all__ = [
     "dump_diagram_json",
     "load_diagram_json",
     "load_schema",
+    "synthetic_diagram",
     "validate_diagram",
 ]
 
@@ -395,14 +396,6 @@ def _class_names(preset: Preset | None, graph: ModelGraph, layer: str) -> tuple[
     return ()
 
 
-def _graph_for(circuit: Any, model: nn.Module) -> ModelGraph:
-    shape = (getattr(circuit, "metadata", None) or {}).get("input_shape")
-    if shape is None:
-        raise DiagramError("the circuit's metadata lacks 'input_shape': pass graph=")
-    p = next(model.parameters())
-    return ModelGraph.build(model, torch.zeros(1, *shape, dtype=p.dtype, device=p.device))
-
-
 def circuit_to_json(
     circuit: Any,
     model: nn.Module,
@@ -424,8 +417,8 @@ def circuit_to_json(
             ``preservation`` and ``metadata`` are read).
         model: the model the circuit was extracted from (weights give kernel pictures,
             weights and signs; it is not modified).
-        graph: its :class:`~netcarve.graph.ModelGraph` (built from the circuit's
-            ``metadata["input_shape"]`` when omitted).
+        graph: its :class:`~netcarve.graph.ModelGraph` (``circuit.graph_for(model)`` when
+            omitted: built from the circuit's ``metadata["input_shape"]``).
         images: normalised images ``[N, C, H, W]`` for data-set example pictures.
         preset: the images' preset (display colours; class names of logit targets).
         pictures: True for :func:`~netcarve.diagram.pictures.default_pictures`, a provider
@@ -441,13 +434,14 @@ def circuit_to_json(
 
     Raises:
         DiagramError: the circuit does not fit the model (unknown layer, wrong mask shape).
+        CircuitError: no graph given and the circuit's metadata lacks ``input_shape``.
 
     Example:
         >>> data = circuit_to_json(circuit, lm.model, images=x, preset=lm.preset)  # doctest: +SKIP
         >>> len(data["nodes"]), len(data["edges"])  # doctest: +SKIP
         (61, 214)
     """
-    graph = graph or _graph_for(circuit, model)
+    graph = graph or circuit.graph_for(model)
     target = circuit.target
     metadata = dict(getattr(circuit, "metadata", None) or {})
     model_name = model_name if model_name is not None else metadata.get("model")
@@ -530,8 +524,8 @@ def circuit_to_json(
         n for n in layer_order if any(k[0] == n for k in node_keys.values())]
     column_of = {name: c for c, name in enumerate(columns_layers)}
     columns: list[list[str]] = [[] for _ in columns_layers]
-    for nid, (layer, ch) in sorted(node_keys.items(),
-                                   key=lambda kv: (column_of[kv[1][0]], kv[1][1])):
+    for nid, (layer, _ch) in sorted(node_keys.items(),
+                                    key=lambda kv: (column_of[kv[1][0]], kv[1][1])):
         columns[column_of[layer]].append(nid)
     kept_edges = [(e["source"], e["target"], abs(e["score"])) for e in edges if e["kept"]]
     ordered, before, after = order_columns(columns, kept_edges, fixed=(0,))
@@ -614,10 +608,7 @@ def circuit_to_json(
     kept_total = sum(int(m.sum()) for m in masks.values())
     max_score = max((abs(e["score"]) for e in edges), default=0.0)
     spec = str(target)
-    if model_name:
-        default_title = f"Circuit of {spec} in {model_name}"
-    else:
-        default_title = f"Circuit of {spec}"
+    default_title = f"Circuit of {spec}" + (f" in {model_name}" if model_name else "")
     if classes and target.channel is not None and target.channel < len(classes):
         default_title += f" (class {classes[target.channel]})"
     data: dict[str, Any] = {
@@ -684,3 +675,99 @@ def _edge(source: str, target: str, layer: str, o: int, j: int, i: int, weight: 
         "weight_sum": _num(wsum),
         "kept": kept,
     }
+
+
+def synthetic_diagram(n_nodes: int = 300, n_edges: int = 3000, *, n_layers: int = 5,
+                      seed: int = 0, order: bool = True) -> dict[str, Any]:
+    """A random but valid diagram, for benchmarks and renderer tests (no model needed).
+
+    Three input channels, then ``n_layers`` conv layers sharing the remaining nodes; edges
+    join consecutive columns (about one in ten skips a column, like a residual path), with
+    log-normal scores, random signs and random 3×3 kernels. No pictures.
+
+    Args:
+        n_nodes: total nodes (at least ``n_layers + 3``).
+        n_edges: total edges.
+        n_layers: layer columns after the input column.
+        seed: random seed.
+        order: run :func:`~netcarve.diagram.layout.order_columns` (else channel order).
+
+    Returns:
+        A diagram dict that passes :func:`validate_diagram`.
+
+    Example:
+        >>> d = synthetic_diagram(40, 120, seed=1)
+        >>> len(d["nodes"]), len(d["edges"])
+        (40, 120)
+    """
+    import random
+
+    if n_nodes < n_layers + 3:
+        raise ValueError(f"need at least {n_layers + 3} nodes for {n_layers} layers")
+    rng = random.Random(seed)
+    sizes = [3] + [(n_nodes - 3) // n_layers + (1 if k < (n_nodes - 3) % n_layers else 0)
+                   for k in range(n_layers)]
+    names: list[str | None] = [None] + [f"features.{3 * k}" for k in range(n_layers)]
+    ids = [[f"input:{c}" if k == 0 else f"{names[k]}:{c}" for c in range(n)]
+           for k, n in enumerate(sizes)]
+    edges = []
+    for _ in range(n_edges):
+        t_col = rng.randrange(1, len(sizes))
+        s_col = t_col - 2 if t_col >= 2 and rng.random() < 0.1 else t_col - 1
+        o, i = rng.randrange(sizes[t_col]), rng.randrange(sizes[s_col])
+        sign = rng.choice((-1, 1))
+        weights = [[round(sign * abs(rng.gauss(0, 0.1)) + rng.gauss(0, 0.02), 4)
+                    for _ in range(3)] for _ in range(3)]
+        edges.append({
+            "source": ids[s_col][i], "target": ids[t_col][o], "layer": names[t_col],
+            "kernel": [o, i], "input_channel": i, "weights": weights,
+            "score": round(rng.lognormvariate(-3, 1), 6), "sign": sign,
+            "weight_sum": round(sum(map(sum, weights)), 6), "kept": True,
+        })
+    columns = [list(col) for col in ids]
+    before = after = 0
+    if order:
+        columns, before, after = order_columns(
+            columns, [(e["source"], e["target"], e["score"]) for e in edges], fixed=(0,))
+    nodes = []
+    for c, col in enumerate(columns):
+        for k, nid in enumerate(col):
+            ch = int(nid.rsplit(":", 1)[1])
+            role = "input" if c == 0 else ("target" if c == len(columns) - 1 and ch == 0
+                                           else "hidden")
+            nodes.append({
+                "id": nid, "layer": names[c], "channel": ch, "column": c, "order": k,
+                "role": role, "label": nid, "score": None if c == 0 else round(rng.random(), 4),
+                "score_in": 0.0, "score_out": 0.0, "kept": True, "picture": None,
+                "picture_kind": None, "examples": [],
+            })
+    s_in: dict[str, float] = {}
+    s_out: dict[str, float] = {}
+    for e in edges:
+        s_in[e["target"]] = s_in.get(e["target"], 0.0) + e["score"]
+        s_out[e["source"]] = s_out.get(e["source"], 0.0) + e["score"]
+    for n in nodes:
+        n["score_in"] = round(s_in.get(n["id"], 0.0), 6)
+        n["score_out"] = round(s_out.get(n["id"], 0.0), 6)
+    target_id = f"{names[-1]}:0"
+    data = {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "generator": {"name": "netcarve", "version": __version__},
+        "title": f"Synthetic diagram: {n_nodes} nodes, {n_edges} edges",
+        "model": {"name": None, "fingerprint": None, "input_shape": [3, 32, 32]},
+        "target": {"spec": target_id, "layer": names[-1], "channels": [0], "position": None,
+                   "objective": "sum_abs", "nodes": [target_id]},
+        "metrics": {"criterion": "synthetic", "keep": 0.1, "relevant_kernels": n_edges * 10,
+                    "kept_kernels": n_edges, "effective_keep": 0.1, "collapsed": False,
+                    "preservation": None, "max_edge_score": max(e["score"] for e in edges),
+                    "sign_rule": SIGN_RULE},
+        "layers": [{"name": names[k], "kind": "input" if k == 0 else "conv", "column": k,
+                    "in_channels": 0 if k == 0 else sizes[k - 1], "out_channels": sizes[k],
+                    "nodes": sizes[k], "relevant_kernels": 0,
+                    "kept_kernels": sum(1 for e in edges if e["layer"] == names[k])}
+                   for k in range(len(sizes))],
+        "nodes": nodes,
+        "edges": edges,
+        "layout": {"crossings": after, "crossings_initial": before},
+    }
+    return validate_diagram(data)

@@ -21,7 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Column", "Geometry", "compute_geometry", "count_crossings", "order_columns"]
+__all__ = [
+    "Column",
+    "Geometry",
+    "compute_geometry",
+    "count_crossings",
+    "legend_size",
+    "order_columns",
+    "subtitle",
+]
 
 
 def _positions(columns: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -230,8 +238,11 @@ class Geometry:
         font: node-label font size.
         x, y: node centres, in the order of the JSON's ``nodes``.
         columns: one :class:`Column` per JSON layer, in column order.
-        header: height of the title/legend band; ``label_y`` is the baseline of the column
-            labels.
+        header: height of the title/subtitle/legend band (the HTML page shows those in its
+            own header and starts its view at ``header``).
+        label_y: baseline of the column labels.
+        legend_x, legend_y: top-left corner of the legend grid (three rows per column,
+            150 px per column, 20 px per row).
     """
 
     width: float
@@ -244,6 +255,8 @@ class Geometry:
     columns: list[Column] = field(default_factory=list)
     header: float = 0.0
     label_y: float = 0.0
+    legend_x: float = 0.0
+    legend_y: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (coordinates rounded to 0.1 px)."""
@@ -258,9 +271,16 @@ class Geometry:
 
 
 MARGIN = 28.0
-HEADER = 96.0
+TITLE_BAND = 76.0
 LABEL_BAND = 46.0
 MIN_WIDTH = 900.0
+LEGEND_COLUMN = 150.0
+MAX_ASPECT = 1.4  # widen the columns of tall figures up to height / width = 1.4
+
+
+def _text_width(text: str, size: float) -> float:
+    """Rough rendered width of ``text`` in px (sans-serif; errs on the wide side)."""
+    return 0.6 * size * len(text)
 
 
 def _column_detail(layer: dict[str, Any]) -> str:
@@ -269,6 +289,31 @@ def _column_detail(layer: dict[str, Any]) -> str:
         return "RGB image" if n == 3 else f"{n} channel" + ("" if n == 1 else "s")
     kernels = layer.get("kept_kernels", 0)
     return f"{layer['kind']} · {layer['nodes']} ch · {kernels:,} kernels"
+
+
+def subtitle(data: dict[str, Any]) -> str:
+    """One line describing the circuit: criterion, keep, kernels, preservation.
+
+    Example:
+        >>> subtitle(data)  # doctest: +SKIP
+        'actgrad · keep 0.1 · 171 of 2,144 kernels kept · preservation r = 0.850 (held-out, ...'
+    """
+    m = data["metrics"]
+    parts = [m["criterion"], f"keep {m['keep']:g}",
+             f"{m['kept_kernels']:,} of {m['relevant_kernels']:,} kernels kept"]
+    p = m.get("preservation")
+    if p and p.get("pearson") is not None:
+        parts.append(f"preservation r = {p['pearson']:.3f} (held-out, {p['n_images']:,} images)")
+    elif p is None:
+        parts.append("preservation not measured")
+    if m.get("collapsed"):
+        parts.append("TOTAL COLLAPSE: no path to the target")
+    return " · ".join(parts)
+
+
+def legend_size(data: dict[str, Any]) -> int:
+    """Number of legend rows: sign colours, target frame, three widths, pruned (if any)."""
+    return 7 if any(not e["kept"] for e in data["edges"]) else 6
 
 
 def compute_geometry(data: dict[str, Any], *, max_column_height: float = 1500.0) -> Geometry:
@@ -298,15 +343,39 @@ def compute_geometry(data: dict[str, Any], *, max_column_height: float = 1500.0)
     node_size = max(9.0, pitch - max(4.0, pitch * 0.22))
     font = max(7.0, min(11.0, pitch * 0.42))
     labels = [("input" if lay["name"] is None else str(lay["name"])) for lay in layers]
-    longest = max((len(s) for s in labels), default=5)
-    col_w = max(190.0, min(340.0, 7.4 * longest + 40.0), node_size * 4)
-    left_pad = MARGIN + 34.0  # room for node labels left of the first column
-    content_w = left_pad + (n_cols - 1) * col_w + node_size / 2 + MARGIN
+    labels += [""] * (n_cols - len(labels))
+    details = [_column_detail(lay) for lay in layers] + [""] * (n_cols - len(layers))
+    widest = max(max(_text_width(t, 13.0) for t in labels),
+                 max(_text_width(t, 11.0) for t in details))
+    col_w = max(190.0, min(340.0, widest + 24.0), node_size * 4)
+    left_pad = MARGIN + max(34.0, _text_width(labels[0], 13.0) / 2 - node_size / 2,
+                            _text_width(details[0], 11.0) / 2 - node_size / 2)
+    right_pad = MARGIN + max(node_size / 2, _text_width(labels[-1], 13.0) / 2,
+                             _text_width(details[-1], 11.0) / 2)
+    col_h = n_max * pitch
+
+    # Header: title and subtitle on the left, legend on the right, or below when too narrow.
+    legend_w = LEGEND_COLUMN * ((legend_size(data) + 2) // 3)
+    text_w = max(_text_width(data["title"], 20.0) * 1.05, _text_width(subtitle(data), 13.0))
+
+    def content_width(cw: float) -> float:
+        return left_pad + node_size / 2 + (n_cols - 1) * cw + right_pad
+
+    est_height = TITLE_BAND + 20 + LABEL_BAND + col_h + MARGIN
+    if n_cols > 1 and content_width(col_w) < est_height / MAX_ASPECT:
+        col_w = min(420.0, col_w + (est_height / MAX_ASPECT - content_width(col_w))
+                    / (n_cols - 1))
+    content_w = content_width(col_w)
     width = max(MIN_WIDTH, content_w)
+    if MARGIN + text_w + 40 + legend_w + MARGIN <= width:
+        header = TITLE_BAND + 20.0
+        legend_x, legend_y = width - MARGIN - legend_w, 26.0
+    else:
+        header = TITLE_BAND + 3 * 20.0 + 20.0
+        legend_x, legend_y = MARGIN, TITLE_BAND + 6.0
     shift = (width - content_w) / 2
     col_x = [shift + left_pad + node_size / 2 + c * col_w for c in range(n_cols)]
-    top = HEADER + LABEL_BAND
-    col_h = n_max * pitch
+    top = header + LABEL_BAND
     height = top + col_h + MARGIN
     mid_y = top + col_h / 2
     xs, ys = [], []
@@ -314,8 +383,7 @@ def compute_geometry(data: dict[str, Any], *, max_column_height: float = 1500.0)
         c = n["column"]
         xs.append(col_x[c])
         ys.append(mid_y + (n["order"] - (counts[c] - 1) / 2) * pitch)
-    columns = [Column(col_x[c], labels[c] if c < len(labels) else "",
-                      _column_detail(layers[c]) if c < len(layers) else "")
-               for c in range(n_cols)]
+    columns = [Column(col_x[c], labels[c], details[c]) for c in range(n_cols)]
     return Geometry(width=width, height=height, node_size=node_size, pitch=pitch, font=font,
-                    x=xs, y=ys, columns=columns, header=HEADER, label_y=HEADER + 18.0)
+                    x=xs, y=ys, columns=columns, header=header, label_y=header + 18.0,
+                    legend_x=legend_x, legend_y=legend_y)

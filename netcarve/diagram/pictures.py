@@ -339,10 +339,11 @@ def _top_activations(
 
 
 def _receptive_boxes(
-    model: nn.Module, layer: str, images: torch.Tensor, channels: torch.Tensor,
-    positions: torch.Tensor, batch_size: int,
+    model: nn.Module, layer: str, images: torch.Tensor, index: torch.Tensor,
+    channels: torch.Tensor, positions: torch.Tensor, batch_size: int,
 ) -> list[tuple[int, int, int, int]]:
-    """Square crop ``(y0, y1, x0, x1)`` per item: where |∂z/∂x| exceeds 5% of its maximum."""
+    """Square crop ``(y0, y1, x0, x1)`` per item ``(images[index[k]], channels[k],
+    positions[k])``: where |∂z/∂x| exceeds 5% of its maximum."""
     device = _device_of(model)
     dtype = next(model.parameters()).dtype
     boxes: list[tuple[int, int, int, int]] = []
@@ -350,8 +351,8 @@ def _receptive_boxes(
     with preserved_state(model), torch.enable_grad():
         model.eval()
         with stop_at(model, layer) as run:
-            for start in range(0, len(images), batch_size):
-                xb = images[start:start + batch_size].to(device=device, dtype=dtype)
+            for start in range(0, len(index), batch_size):
+                xb = images[index[start:start + batch_size]].to(device=device, dtype=dtype)
                 xb = xb.detach().requires_grad_(True)
                 z = run(xb)
                 z = z.reshape(z.shape[0], z.shape[1], -1)
@@ -402,15 +403,18 @@ def dataset_examples(top_k: int = 4, batch_size: int = 128) -> PictureProvider:
     def provider(request: PictureRequest) -> dict[str, NodePicture]:
         images = request.images
         nodes = [n for n in request.nodes if n.layer is not None]
-        if images is None or not len(images) or not nodes:
-            return {}
+        if images is None or images.dim() != 4 or not len(images) or not nodes:
+            return {}  # no images, or not images (1-D signals): nothing to show
         wanted: dict[str, list[int]] = {}
+        ids: dict[tuple[str, int], list[str]] = {}
         for n in nodes:
             wanted.setdefault(n.layer, [])
             if n.channel not in wanted[n.layer]:
                 wanted[n.layer].append(n.channel)
+            ids.setdefault((n.layer, n.channel), []).append(n.id)
         top = _top_activations(request.model, request.graph, wanted, images, top_k, batch_size)
-        shown = display_images(images, request.preset)
+        used = sorted({int(i) for v in top.values() for i in v[1].reshape(-1).tolist()})
+        shown = dict(zip(used, display_images(images[used], request.preset), strict=True))
         out: dict[str, NodePicture] = {}
         for layer, chans in wanted.items():
             vals, idx, pos = top[layer]  # [k, C]
@@ -418,7 +422,7 @@ def dataset_examples(top_k: int = 4, batch_size: int = 128) -> PictureProvider:
             flat_idx = idx.t().reshape(-1)  # channel-major: C × k
             flat_pos = pos.t().reshape(-1)
             flat_ch = torch.tensor(chans).repeat_interleave(k)
-            boxes = _receptive_boxes(request.model, layer, images[flat_idx], flat_ch, flat_pos,
+            boxes = _receptive_boxes(request.model, layer, images, flat_idx, flat_ch, flat_pos,
                                      batch_size)
             for c_i, channel in enumerate(chans):
                 examples = []
@@ -427,8 +431,8 @@ def dataset_examples(top_k: int = 4, batch_size: int = 128) -> PictureProvider:
                     y0, y1, x0, x1 = boxes[j]
                     crop = _squeeze(shown[int(flat_idx[j])][y0:y1, x0:x1])
                     examples.append(Example(crop, float(vals[r, c_i])))
-                node_id = next(n.id for n in nodes if n.layer == layer and n.channel == channel)
-                out[node_id] = NodePicture(examples[0].image, "dataset-example", examples)
+                for node_id in ids[(layer, channel)]:
+                    out[node_id] = NodePicture(examples[0].image, "dataset-example", examples)
         return out
 
     return provider

@@ -43,7 +43,7 @@ Example:
     >>> engine = AblationEngine(net.eval(), x, y, batch_size=10)
     >>> stats = engine.evaluate("0", single_removals(4))
     >>> stats.accuracy().shape, stats.counts.naive_passes
-    (torch.Size([4]), 8)
+    (torch.Size([4]), 10)
 """
 
 from __future__ import annotations

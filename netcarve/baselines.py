@@ -45,7 +45,7 @@ from torch import nn
 
 from netcarve.ablation import AblationEngine, AblationError
 from netcarve.graph import ModelGraph
-from netcarve.hooks import capture, preserved_state, resolve_module
+from netcarve.hooks import capture, preserved_state, resolve_module, stop_at
 from netcarve.zoo.preset import Preset
 
 __all__ = [
@@ -142,11 +142,10 @@ def baseline_scores(
     total = torch.zeros(n, dtype=torch.float64)
     zeros = torch.zeros(n, dtype=torch.float64)
     count = 0
-    with preserved_state(model), torch.no_grad(), capture(model, [point]) as store:
+    with preserved_state(model), torch.no_grad(), stop_at(model, point) as run:
         model.eval()
         for xb, _ in _normalised_batches(images, None, preset, batch_size, device, dtype):
-            model(xb)
-            z = store[point].double()
+            z = run(xb).double()
             flat = z.transpose(0, 1).reshape(n, -1)
             total += flat.clamp(min=0).sum(1).cpu()
             zeros += (flat <= 0).sum(1).double().cpu()

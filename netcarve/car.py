@@ -690,6 +690,8 @@ def greedy_prune(
                       progress)
         if state["stopped"] == "floor" and scope == "global":
             break
+    if amount is None and state["stopped"] == "count":
+        state["stopped"] = "exhausted"  # only a floor was given and it was never reached
     return GreedyResult(
         mode=mode, scope=scope, metric=m.name, layers=names, steps=steps,
         masks={n: k.clone() for n, k in masks.items()}, base_accuracy=base_acc,

@@ -315,8 +315,19 @@ def demo(out: Path) -> None:
     """Run the main job on the embedded default and print the report's path."""
     from .demo import run_demo
 
-    path = run_demo(out, progress=True)
+    path = run_demo(out, progress=True, log=lambda m: click.echo(m, err=True))
     click.echo(str(path))
+
+
+def _register_commands() -> None:
+    # Commands that live beside their feature modules; registered here so `netcarve --help`
+    # lists them all.
+    from .cli_diagram import diagram as diagram_command
+
+    cli.add_command(diagram_command)
+
+
+_register_commands()
 
 
 def main() -> None:

@@ -222,6 +222,7 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
             curve_report.save(out)
             files["curves"] = str(out / "curves.csv")
             files["curves_png"] = str(out / "curves.png")
+    files["summary"] = str(out / "summary.json")
     summary = {
         "model": lm.name, "weights": lm.weights, "data": data_note,
         "removal": "a removed filter outputs exactly 0 after its BatchNorm (bias and BN "
@@ -238,7 +239,6 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
         "files": files, "seconds": time.perf_counter() - start,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    files["summary"] = str(out / "summary.json")
     text = (f"{lm.name}: pruned {len(greedy.steps)} filter(s) of {', '.join(names)} by CAR "
             f"({greedy.mode}, {greedy.scope}); parameters {pruned.params_before:,} → "
             f"{pruned.params_after:,}, MACs {pruned.macs_before:,} → {pruned.macs_after:,}\n"

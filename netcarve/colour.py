@@ -42,7 +42,7 @@ from torch import nn
 
 from netcarve.ablation import AblationError
 from netcarve.graph import ModelGraph
-from netcarve.hooks import capture, preserved_state, resolve_module
+from netcarve.hooks import preserved_state, resolve_module, stop_at
 from netcarve.zoo.preset import Preset
 
 __all__ = [
@@ -150,14 +150,14 @@ def response_colour_index(
                                                                          dtype=dtype))
     point = _removal_point(graph, layer)
     diff = norm_c = norm_g = None
-    with preserved_state(model), torch.no_grad(), capture(model, [point]) as store:
+    with preserved_state(model), torch.no_grad(), stop_at(model, point) as run:
         model.eval()
         for start in range(0, len(images), batch_size):
             xb = images[start:start + batch_size]
             outs = []
             for variant in (xb, grey_images(xb)):
-                model(preset.normalize(variant).to(device=device, dtype=dtype))
-                z = store[point].double().clamp(min=0)
+                z = run(preset.normalize(variant).to(device=device, dtype=dtype))
+                z = z.double().clamp(min=0)
                 outs.append(z.transpose(0, 1).reshape(z.shape[1], -1))
             d = (outs[0] - outs[1]).pow(2).sum(1).cpu()
             c = outs[0].pow(2).sum(1).cpu()
@@ -303,8 +303,10 @@ def colour_vs_pruning(report: ColourReport, order: Sequence[int], k: int = 20,
 
     Returns:
         ``{"k", "pruned_colour", "pruned_fraction", "kept_colour", "kept", "kept_fraction",
-        "all_fraction", "p_value"}``; ``p_value`` is the hypergeometric probability that ``k``
-        filters drawn at random include at least ``pruned_colour`` colour-selective ones.
+        "all_fraction", "p_value", "pruned_mean_index", "kept_mean_index", ...}``;
+        ``p_value`` is the hypergeometric probability that ``k`` filters drawn at random
+        include at least ``pruned_colour`` colour-selective ones; the mean indices compare the
+        two groups without a threshold.
 
     Raises:
         AblationError: fewer than ``k`` filters in ``order``.
@@ -322,7 +324,10 @@ def colour_vs_pruning(report: ColourReport, order: Sequence[int], k: int = 20,
     hits = sum(bool(sel[f]) for f in first)
     p = sum(math.comb(colour_total, i) * math.comb(n - colour_total, k - i)
             for i in range(hits, min(k, colour_total) + 1)) / math.comb(n, k)
+    index = report.index
     return {"k": k, "pruned_colour": hits, "pruned_fraction": hits / k if k else math.nan,
             "kept": len(kept), "kept_colour": sum(bool(sel[f]) for f in kept),
             "kept_fraction": report.fraction(kept), "all_fraction": colour_total / n,
-            "p_value": p, "by": report.by, "threshold": report.threshold}
+            "p_value": p, "by": report.by, "threshold": report.threshold,
+            "pruned_mean_index": float(index[first].mean()) if first else math.nan,
+            "kept_mean_index": float(index[kept].mean()) if kept else math.nan}

@@ -555,7 +555,13 @@ def prune_filters(
         model.eval()
         with apply_filter_masks(model, graph, checked):
             want = model(x)
-        got = new(x)
+        try:
+            got = new(x)
+        except RuntimeError as exc:
+            raise CompressError(
+                f"the pruned model fails to run ({exc}); something between the pruned layers "
+                "and the layers they feed depends on the channel count (e.g. a hard-coded "
+                "view)") from None
     if got.shape != want.shape:
         raise CompressError(f"the pruned model returns {tuple(got.shape)}, the masked model "
                             f"{tuple(want.shape)}")

@@ -886,6 +886,8 @@ def receptive_field(
     graph: ModelGraph,
     layer: str,
     positions: tuple[int, int] | Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    *,
+    clip: bool = True,
 ) -> tuple[int, int, int, int] | torch.Tensor:
     """Input box that a layer position can see: ``(y0, x0, y1, x1)``, half-open, clipped.
 
@@ -904,6 +906,9 @@ def receptive_field(
         layer: a conv/linear layer, or any module called once in forward.
         positions: one ``(y, x)``, a list of them, or an int tensor ``[P, 2]``; ``None`` is the
             centre of the layer's output map.
+        clip: clip every interval to its map (default). ``clip=False`` gives the theoretical
+            field, which may extend into the padding (negative or too large coordinates): all
+            fields of a conv/pool stack then have the same size.
 
     Returns:
         for a single ``(y, x)`` (or None) a tuple ``(y0, x0, y1, x1)`` with
@@ -964,7 +969,7 @@ def receptive_field(
             continue
         for arg, sub in _back(current, ivl, modules, shapes):
             size = _spatial(shapes.get(arg))
-            if sub is not None and size is not None:
+            if clip and sub is not None and size is not None:
                 sub = (sub[0].clamp(0, size[0] - 1), sub[1].clamp(0, size[0] - 1),
                        sub[2].clamp(0, size[1] - 1), sub[3].clamp(0, size[1] - 1))
             pending[arg] = sub if arg not in pending else _hull(pending[arg], sub)
@@ -998,7 +1003,10 @@ class DatasetExamples:
         values: ``[C, k]`` activation (raw output reduced over positions), best first.
         indices: ``[C, k]`` image indices into the images searched.
         positions: ``[C, k, 2]`` ``(y, x)`` of each image's peak in the layer's map.
-        boxes: ``[C, k, 4]`` ``(y0, x0, y1, x1)`` receptive field of that peak (half-open).
+        boxes: ``[C, k, 4]`` ``(y0, x0, y1, x1)`` receptive field of that peak, clipped to the
+            image (half-open).
+        full_boxes: ``[C, k, 4]`` the same fields unclipped (they may reach into the padding;
+            all have the same size in a conv/pool stack).
         reduce: ``"max"`` or ``"mean"`` (how positions were reduced).
 
     Example:
@@ -1012,26 +1020,39 @@ class DatasetExamples:
     indices: torch.Tensor
     positions: torch.Tensor
     boxes: torch.Tensor
+    full_boxes: torch.Tensor
     reduce: str = "max"
 
-    def patches(self, images: torch.Tensor, preset: Preset | None = None) -> list[list[np.ndarray]]:
+    def patches(self, images: torch.Tensor, preset: Preset | None = None, *,
+                pad: bool = True, fill: float = 0.5) -> list[list[np.ndarray]]:
         """The receptive-field crops, ``[channel][rank]``, as display arrays in [0, 1].
 
         Args:
             images: the images that were searched (normalised, as given to
                 :func:`dataset_examples`).
             preset: undo its normalisation for display (else each crop is min-max scaled).
+            pad: crop the unclipped field (:attr:`full_boxes`) and fill the part outside the
+                image with ``fill``, so every crop has the same size and the peak sits at the
+                same place in it; ``False`` crops the clipped :attr:`boxes`.
+            fill: display value outside the image (0.5: mid-grey).
 
         Returns:
             nested lists of ``H×W`` (greyscale) or ``H×W×3`` arrays.
         """
+        height, width = images.shape[-2], images.shape[-1]
         out = []
         for c in range(len(self.channels)):
             row = []
             for r in range(self.values.shape[1]):
-                y0, x0, y1, x1 = (int(v) for v in self.boxes[c, r])
-                img = images[int(self.indices[c, r])][None]
-                row.append(to_display(img[..., y0:y1, x0:x1], preset)[0])
+                shown = to_display(images[int(self.indices[c, r])][None], preset)[0]
+                box = self.full_boxes[c, r] if pad else self.boxes[c, r]
+                y0, x0, y1, x1 = (int(v) for v in box)
+                crop = np.full((y1 - y0, x1 - x0, *shown.shape[2:]), fill, dtype=shown.dtype)
+                sy0, sx0 = max(y0, 0), max(x0, 0)
+                sy1, sx1 = min(y1, height), min(x1, width)
+                if sy1 > sy0 and sx1 > sx0:
+                    crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = shown[sy0:sy1, sx0:sx1]
+                row.append(crop)
             out.append(row)
         return out
 
@@ -1160,22 +1181,19 @@ def dataset_examples(
     flat = best_p.t().cpu()  # [C, k]
     positions = torch.stack([flat // width, flat % width], dim=2)
     if len(info.output_shape) == 3:
-        boxes = receptive_field(graph, layer, positions.reshape(-1, 2))
-        boxes = boxes.reshape(len(chans), k, 4)  # type: ignore[union-attr]
+        flat_pos = positions.reshape(-1, 2)
+        boxes = receptive_field(graph, layer, flat_pos).reshape(len(chans), k, 4)  # type: ignore[union-attr]
+        full = receptive_field(graph, layer, flat_pos, clip=False).reshape(  # type: ignore[union-attr]
+            len(chans), k, 4)
     else:
         boxes = torch.tensor([0, 0, *images.shape[-2:]]).expand(len(chans), k, 4).clone()
+        full = boxes.clone()
     return DatasetExamples(layer=layer, channels=chans, values=best_v.t().cpu(),
                            indices=best_i.t().cpu(), positions=positions, boxes=boxes,
-                           reduce=reduce)
+                           full_boxes=full, reduce=reduce)
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def _upscale(img: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour enlargement to about ``size`` pixels on the longer side."""
-    factor = max(1, round(size / max(img.shape[0], img.shape[1])))
-    return img.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
 def plot_grid(
@@ -1297,13 +1315,13 @@ def plot_channel(
     cmap = "gray" if viz.images.shape[1] == 1 else None
     ax = fig.add_subplot(grid[:, 0:2])
     ax.imshow(viz.picture(index), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(f"visualisation\nact {float(viz.activations[index]):.3g}", fontsize=8)
+    ax.set_title(f"visualisation\nobjective {float(viz.activations[index]):.3g}", fontsize=8)
     ax.axis("off")
     if compare is not None:
         ax = fig.add_subplot(grid[:, 2:4])
         ax.imshow(compare.picture(index), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"as the circuit computes it\nact {float(compare.activations[index]):.3g}",
-                     fontsize=8)
+        ax.set_title(f"as the circuit computes it\nobjective "
+                     f"{float(compare.activations[index]):.3g}", fontsize=8)
         ax.axis("off")
     if row is not None:
         assert examples is not None and images is not None
@@ -1312,7 +1330,7 @@ def plot_channel(
         for r in range(k):
             ax = fig.add_subplot(grid[0, 2 * big + r])
             ax.imshow(patches[r], cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"{float(examples.values[row, r]):.3g}", fontsize=7)
+            ax.set_title(f"{examples.reduce} {float(examples.values[row, r]):.3g}", fontsize=7)
             ax.axis("off")
             ax = fig.add_subplot(grid[1, 2 * big + r])
             ax.imshow(full[r], cmap=cmap, vmin=0, vmax=1, interpolation="nearest")

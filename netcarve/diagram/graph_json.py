@@ -470,16 +470,17 @@ def circuit_to_json(
         return f"{prefix}:{ch}" if layer is None else f"{layer}:{ch}"
 
     # ---- edges (kept kernels, one per alive source of their input channel)
+    kscores = {n: _kernel_scores(circuit.scores, n, graph.layers[n].mask_shape)
+               for n in layer_order}
+    weights = {n: params[graph.layers[n].weight_param].detach().double().cpu()
+               for n in layer_order}
+    bn_scale = {n: _bn_scales(model, graph, n) for n in layer_order}
     edges: list[dict[str, Any]] = []
     node_keys: dict[str, tuple[str | None, int]] = {}
-    bn_scale: dict[str, torch.Tensor | None] = {}
     pending_pruned: list[tuple[str, int, int, int, list]] = []
     for name in layer_order:
         info = graph.layers[name]
         mask = masks.get(name, torch.zeros(info.mask_shape, dtype=torch.bool))
-        scores = _kernel_scores(circuit.scores, name, info.mask_shape)
-        weight = params[info.weight_param].detach().double().cpu()
-        bn_scale[name] = _bn_scales(model, graph, name)
         sources = _input_sources(graph, name)
         ks = graph.kernel_sources(name)
         kept_list = torch.nonzero(mask).tolist()
@@ -495,8 +496,9 @@ def circuit_to_json(
                 pending_pruned.append((name, o, j, i, srcs))
                 continue
             for s, c in srcs:
-                edges.append(_edge(node_id(s, c), node_id(name, o), name, o, j, i, weight,
-                                   info.kind, info.spatial, scores, bn_scale[name], True))
+                edges.append(_edge(node_id(s, c), node_id(name, o), name, o, j, i,
+                                   weights[name], info.kind, info.spatial, kscores[name],
+                                   bn_scale[name], True))
                 node_keys[node_id(s, c)] = (s, c)
                 node_keys[node_id(name, o)] = (name, o)
 
@@ -515,13 +517,11 @@ def circuit_to_json(
         for s, c in srcs:
             if node_id(s, c) in node_keys:
                 edges.append(_edge(node_id(s, c), node_id(name, o), name, o, j, i,
-                                   params[info.weight_param].detach().double().cpu(),
-                                   info.kind, info.spatial,
-                                   _kernel_scores(circuit.scores, name, info.mask_shape),
+                                   weights[name], info.kind, info.spatial, kscores[name],
                                    bn_scale[name], False))
 
-    columns_layers: list[str | None] = [None] + [
-        n for n in layer_order if any(k[0] == n for k in node_keys.values())]
+    drawn_layers = {layer for layer, _ in node_keys.values()}
+    columns_layers: list[str | None] = [None] + [n for n in layer_order if n in drawn_layers]
     column_of = {name: c for c, name in enumerate(columns_layers)}
     columns: list[list[str]] = [[] for _ in columns_layers]
     for nid, (layer, _ch) in sorted(node_keys.items(),
@@ -553,8 +553,7 @@ def circuit_to_json(
             score = None
             kept = nid in score_out
         else:
-            info = graph.layers[layer]
-            s = _kernel_scores(circuit.scores, layer, info.mask_shape)[ch]
+            s = kscores[layer][ch]
             rel = relevant.get(layer)
             score = _num(float(s[rel[ch]].sum()) if rel is not None else float(s.sum()))
             kept = bool(alive[layer][ch]) if layer in alive else False

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import NetcarveError
 from .graph_json import validate_diagram
-from .layout import Geometry, compute_geometry, subtitle
+from .layout import Geometry, compute_geometry, legend_size, subtitle
 
 __all__ = ["render_png", "render_svg", "subtitle"]
 
@@ -70,15 +70,15 @@ def _endpoints(data: dict[str, Any], geo: Geometry) -> list[tuple[float, float, 
 
 
 def _legend_items(data: dict[str, Any]) -> list[tuple[str, str, str, float, float]]:
-    """Legend rows ``(kind, text, colour, width, opacity)``, kind ``line``/``dash``/``box``;
-    the first three rows form the left column, the rest the right one."""
+    """Legend rows ``(kind, text, colour, width, opacity)``, kind ``line``/``dash``/``box``,
+    laid out three per column by :func:`_legend_xy` (:func:`legend_size` of them)."""
     max_score = data["metrics"]["max_edge_score"]
     items = [("line", "excitatory (+)", RED, 3.0, 0.9), ("line", "inhibitory (−)", BLUE, 3.0, 0.9),
              ("box", "target", GOLD, 3.0, 1.0)]
     for frac in (1.0, 0.25, 0.04):
         _, w, op = _edge_style(frac * max_score, max_score, 1, True)
         items.append(("line", f"score {frac * max_score:.3g}", INK, w, op))
-    if any(not e["kept"] for e in data["edges"]):
+    if legend_size(data) > len(items):
         items.append(("dash", "pruned kernel", GREY, 0.6, 0.6))
     return items
 

@@ -1,0 +1,215 @@
+"""Physically smaller models equal the masked ones; prunable layers; sizes; save and reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _nets import make
+from torch import nn
+
+from netcarve.compress import (
+    CompressError,
+    count_macs,
+    count_parameters,
+    load_pruned,
+    prunable_layers,
+    prune_filters,
+)
+from netcarve.graph import ModelGraph
+from netcarve.hooks import apply_filter_masks
+from netcarve.zoo import ZOO
+from netcarve.zoo.torchvision_models import resnet18, vgg11_bn
+
+
+@pytest.fixture(autouse=True)
+def _private_rng():
+    """Seeds set inside a test (torch.manual_seed, _nets.make) do not leak out of it."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+def randomise_bn(net: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return net.eval()
+
+
+def random_masks(graph: ModelGraph, layers: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name in layers:
+        keep = torch.rand(graph.layer(name).out_channels, generator=gen) > 0.5
+        keep[0] = True
+        masks[name] = keep
+    return masks
+
+
+def check_equivalence(net: nn.Module, x: torch.Tensor, expected_prunable: list[str] | None,
+                      tol: float = 1e-5):
+    graph = ModelGraph.build(net, x[:1])
+    ok = [n for n, why in prunable_layers(net, graph).items() if why is None]
+    if expected_prunable is not None:
+        assert ok == expected_prunable
+    masks = random_masks(graph, ok)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    pruned = prune_filters(net, masks, graph=graph, example_input=x)
+    with torch.no_grad():
+        with apply_filter_masks(net, graph, masks):
+            want = net(x)
+        got = pruned.module(x)
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err <= tol
+    assert pruned.max_rel_error is not None and pruned.max_rel_error <= tol
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # untouched
+    assert pruned.params_after < pruned.params_before
+    assert pruned.macs_after < pruned.macs_before
+    for name, keep in masks.items():
+        if bool(keep.all()):
+            assert name not in pruned.kept
+            continue
+        assert pruned.kept[name] == keep.nonzero().reshape(-1).tolist()
+        assert pruned.module.get_submodule(name).weight.shape[0] == int(keep.sum())
+    return pruned, graph, masks
+
+
+def test_fmnist_vgg_equals_masked() -> None:
+    torch.manual_seed(0)
+    net = randomise_bn(ZOO["fmnist_vgg"].factory())
+    check_equivalence(net, torch.randn(4, 1, 28, 28),
+                      ["features.0", "features.4", "features.7", "features.11", "features.14",
+                       "classifier.2"])
+
+
+def test_fmnist_resnet_residual_adds() -> None:
+    torch.manual_seed(1)
+    net = randomise_bn(ZOO["fmnist_resnet"].factory())
+    x = torch.randn(4, 1, 28, 28)
+    check_equivalence(net, x, ["conv1", "layer1.conv1", "layer2.conv1", "layer3.conv1"])
+    why = prunable_layers(net, example_input=x)
+    assert "merged" in why["layer2.conv2"] and "merged" in why["layer1.downsample.0"]
+    graph = ModelGraph.build(net, x[:1])
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[3] = False
+    with pytest.raises(CompressError, match=r"layer2\.conv2.*merged.*Prunable layers"):
+        prune_filters(net, {"layer2.conv2": keep}, graph=graph)
+
+
+def test_torchvision_resnet18_with_inplace_relus() -> None:
+    torch.manual_seed(2)
+    net = randomise_bn(resnet18(num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    pruned, _, _ = check_equivalence(
+        net, x, [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)])
+    assert pruned.module.layer3[0].conv2.in_channels < 256
+
+
+@pytest.mark.slow
+def test_torchvision_vgg11_bn() -> None:
+    torch.manual_seed(3)
+    net = randomise_bn(vgg11_bn(num_classes=10))
+    check_equivalence(net, torch.randn(2, 3, 32, 32), None)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("cat", ["stem", "b1", "b2.0", "b2.2", "b3", "mix"]),
+    ("plain", ["features.0", "features.4", "classifier.1"]),
+    ("conv1d", ["c1", "c2"]),
+])
+def test_small_nets(name: str, expected: list[str]) -> None:
+    net, x = make(name, double=True, batch=3)
+    check_equivalence(net, x, expected, tol=1e-12)
+
+
+def test_grouped_convs_are_refused() -> None:
+    net, x = make("group", double=True)
+    why = prunable_layers(net, example_input=x)
+    assert "grouped" in why["grouped"] and "grouped" in why["conv1"]
+    assert why["point"] is None
+
+
+def test_sizes_by_hand() -> None:
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).eval()
+    x = torch.randn(2, 2, 4, 4)
+    graph = ModelGraph.build(net, x[:1])
+    assert count_parameters(net) == (4 * 2 * 9 + 4) + 8 + (16 * 3 + 3)
+    assert count_macs(net, graph) == 4 * 4 * 4 * 2 * 9 + 16 * 3
+    keep = torch.tensor([True, False, False, True])
+    pruned = prune_filters(net, {"0": keep}, graph=graph, example_input=x)
+    assert pruned.params_after == (2 * 2 * 9 + 2) + 4 + (8 * 3 + 3)
+    assert pruned.macs_after == 2 * 4 * 4 * 2 * 9 + 8 * 3
+    assert pruned.module[5].in_features == 8
+    assert pruned.removed == {"0": [1, 2]}
+
+
+def test_mask_errors() -> None:
+    net, x = make("plain", double=True)
+    graph = ModelGraph.build(net, x[:1])
+    with pytest.raises(CompressError, match="removes all"):
+        prune_filters(net, {"features.0": torch.zeros(4, dtype=torch.bool)}, graph=graph)
+    with pytest.raises(CompressError, match="shape"):
+        prune_filters(net, {"features.0": torch.ones(5, dtype=torch.bool)}, graph=graph)
+    with pytest.raises(CompressError, match="output"):
+        prune_filters(net, {"classifier.3": torch.tensor([True, False, True])}, graph=graph)
+
+
+def test_hard_coded_view_is_caught() -> None:
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).view(-1, 16))
+
+    net = Fixed().eval()
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(CompressError, match="channel count"):
+        prune_filters(net, {"conv": torch.tensor([True, False, True, True])}, example_input=x)
+
+
+def test_save_and_reload_zoo_model(tmp_path) -> None:
+    torch.manual_seed(4)
+    net = randomise_bn(ZOO["fmnist_vgg"].factory())
+    x = torch.randn(3, 1, 28, 28)
+    graph = ModelGraph.build(net, x[:1])
+    masks = random_masks(graph, ["features.0", "features.11"], seed=5)
+    pruned = prune_filters(net, masks, graph=graph, spec="fmnist_vgg",
+                           order=[("features.0", 3)])
+    with pytest.raises(CompressError, match="spec"):
+        prune_filters(net, masks, graph=graph).save(tmp_path / "nospec")
+    folder = pruned.save(tmp_path / "pruned")
+    desc = json.loads((folder / "architecture.json").read_text())
+    assert desc["spec"] == "fmnist_vgg" and desc["order"] == [["features.0", 3]]
+    again = load_pruned(folder)
+    with torch.no_grad():
+        assert torch.equal(again.module(x), pruned.module(x))
+    assert again.params_after == pruned.params_after and again.macs_after == pruned.macs_after
+    assert again.kept == pruned.kept
+
+
+def test_save_and_reload_factory_spec(tmp_path) -> None:
+    net, x = make("cat", double=False, batch=2)
+    graph = ModelGraph.build(net, x[:1])
+    pruned = prune_filters(net, random_masks(graph, ["b1", "b2.0", "mix"], seed=1),
+                           graph=graph, spec="_nets:CatNet")
+    again = load_pruned(pruned.save(tmp_path / "cat"))
+    with torch.no_grad():
+        assert torch.equal(again.module(x), pruned.module(x))
+
+
+def test_load_pruned_errors(tmp_path) -> None:
+    with pytest.raises(CompressError, match="architecture.json"):
+        load_pruned(tmp_path)
+    (tmp_path / "architecture.json").write_text('{"format": "other"}')
+    with pytest.raises(CompressError, match="not a netcarve"):
+        load_pruned(tmp_path)

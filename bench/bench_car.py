@@ -60,6 +60,7 @@ def speed(layers: list[str], n_images: int, batch_size: int, repeats: int) -> li
                      "engine_passes": stats_e.counts.to_dict(),
                      "naive_passes": stats_n.counts.full_passes,
                      "base_accuracy": stats_e.base_metric("top1")})
+        print("  " + json.dumps(rows[-1]), flush=True)
     return rows
 
 

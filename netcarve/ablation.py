@@ -259,6 +259,14 @@ class AblationStats:
         value = getattr(self, pick[0] if base else pick[1])
         return value.double() / self.n
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: per-candidate accuracy, top-5 accuracy and loss, base values,
+        forward passes."""
+        return {"n": self.n, "accuracy": self.accuracy().tolist(),
+                "top5": (self.correct5.double() / self.n).tolist(), "loss": self.loss().tolist(),
+                "base_accuracy": self.base_metric("top1"), "base_top5": self.base_metric("top5"),
+                "base_loss": self.base_metric("loss"), "forward_passes": self.counts.to_dict()}
+
     def drop(self, metric: str | Metric | Callable[..., Any] | None = None) -> torch.Tensor:
         """float64 ``[R]``: how much worse the metric is than unablated (CAR; > 0 = worse)."""
         m = resolve_metric(metric)

@@ -864,8 +864,10 @@ def _back(node: torch.fx.Node, ivl: _Ivl, modules: dict[str, nn.Module],
         if size == out_size:
             out.append((a, ivl))
         elif size == (1, 1):
-            zero = torch.zeros_like(ivl[0])
-            out.append((a, (zero, zero, zero, zero)))
+            empty = _is_empty(ivl)
+            lo = torch.where(empty, _EMPTY, 0)
+            hi = torch.where(empty, -_EMPTY, 0)
+            out.append((a, (lo, hi, lo.clone(), hi.clone())))
         else:
             raise ReceptiveFieldError(
                 f"cannot follow the receptive field through '{node.name}' ({_short(node)}): it "
@@ -913,7 +915,8 @@ def receptive_field(
     Returns:
         for a single ``(y, x)`` (or None) a tuple ``(y0, x0, y1, x1)`` with
         ``image[..., y0:y1, x0:x1]`` the field; otherwise an int64 tensor ``[P, 4]``. A
-        layer without a spatial map (Linear) sees the whole image.
+        layer without a spatial map (Linear) sees the whole image; a position that sees only
+        padding gets the empty box ``(0, 0, 0, 0)``.
 
     Raises:
         GraphError: unknown layer (close names listed).
@@ -970,8 +973,7 @@ def receptive_field(
         for arg, sub in _back(current, ivl, modules, shapes):
             size = _spatial(shapes.get(arg))
             if clip and sub is not None and size is not None:
-                sub = (sub[0].clamp(0, size[0] - 1), sub[1].clamp(0, size[0] - 1),
-                       sub[2].clamp(0, size[1] - 1), sub[3].clamp(0, size[1] - 1))
+                sub = _clip(sub, size)
             pending[arg] = sub if arg not in pending else _hull(pending[arg], sub)
     if result is False:
         raise ReceptiveFieldError(f"'{layer}' does not depend on the model input")
@@ -980,7 +982,27 @@ def receptive_field(
     else:
         ylo, yhi, xlo, xhi = result  # type: ignore[misc]
         boxes = torch.stack([ylo, xlo, yhi + 1, xhi + 1], dim=1)
+        boxes[_is_empty(result)] = 0  # type: ignore[arg-type]  # sees only padding
     return tuple(int(v) for v in boxes[0]) if single else boxes  # type: ignore[return-value]
+
+
+# An empty interval (a position that sees only padding) is (_EMPTY, -_EMPTY): every map of
+# the walk is monotone with a positive slope, so it stays empty, and a hull ignores it.
+_EMPTY = 2**40
+
+
+def _is_empty(ivl: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return (ivl[0] > ivl[1]) | (ivl[2] > ivl[3])
+
+
+def _clip(ivl: tuple[torch.Tensor, ...], size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Intersect with the map ``[0, size)``; positions left with nothing become empty."""
+    ylo, yhi = ivl[0].clamp(min=0), ivl[1].clamp(max=size[0] - 1)
+    xlo, xhi = ivl[2].clamp(min=0), ivl[3].clamp(max=size[1] - 1)
+    empty = (ylo > yhi) | (xlo > xhi)
+    big = torch.full_like(ylo, _EMPTY)
+    return (torch.where(empty, big, ylo), torch.where(empty, -big, yhi),
+            torch.where(empty, big, xlo), torch.where(empty, -big, xhi))
 
 
 def _hull(a: _Ivl, b: _Ivl) -> _Ivl:

@@ -662,12 +662,12 @@ def cluster_filters(
         if n == 1:
             labels = torch.zeros(1, dtype=torch.int64)
         else:
-            from scipy.cluster.hierarchy import fcluster, linkage
+            from scipy.cluster.hierarchy import cut_tree, fcluster, linkage
             from scipy.spatial.distance import squareform
 
             tree = linkage(squareform(distance.numpy(), checks=False), method="average")
-            if k is not None:
-                raw = fcluster(tree, t=int(k), criterion="maxclust")
+            if k is not None:  # exactly k clusters, following the merge order (also on ties)
+                raw = cut_tree(tree, n_clusters=int(k)).reshape(-1)
             else:
                 assert threshold is not None
                 # merge while average distance <= 1 - threshold (a tiny slack for rounding)

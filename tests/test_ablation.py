@@ -219,3 +219,12 @@ def test_engine_equals_naive_on_torchvision_resnet18(layer: str) -> None:
     cand = single_removals(graph.layer(layer).out_channels)[::16]
     got = AblationEngine(net, x, y, graph=graph, batch_size=3).evaluate(layer, cand)
     assert_same(got, ablate_naive(net, layer, cand, x, y, graph=graph, batch_size=3))
+
+
+def test_stats_to_dict() -> None:
+    import json
+
+    net, x, y = labelled("plain", seed=9)
+    d = json.loads(json.dumps(ablate(net, "features.0", single_removals(4), x, y).to_dict()))
+    assert len(d["accuracy"]) == 4 and d["n"] == len(y)
+    assert d["forward_passes"]["naive_passes"] == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -190,3 +191,30 @@ def test_car_compress_equals_masked_and_reports(data) -> None:
     json.dumps(rep.to_dict())
     with pytest.raises(CompressError, match="reach the model output"):
         car_compress(net, x, y, "classifier.3", eval_images=x, eval_labels=y, amount=1)
+
+
+def test_finetune_is_seeded_and_leaves_the_model_alone(data) -> None:
+    from netcarve.errors import DataError
+    from netcarve.finetune import FinetuneError, finetune
+
+    net, x, y, _ = data
+    net = copy.deepcopy(net).float()  # the fixture's net is shared: work on a copy
+    xf = x.float()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    a = finetune(net, images=xf, labels=y, epochs=2, lr=0.05, seed=3, batch_size=16,
+                 eval_images=xf, eval_labels=y)
+    b = finetune(net, images=xf, labels=y, epochs=2, lr=0.05, seed=3, batch_size=16)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is untouched
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], before[k]) for k in sa)
+    assert a.steps == 2 * 4 and len(a.epoch_losses) == 2 and not a.model.training
+    assert a.accuracy_before is not None and 0.0 <= a.accuracy_after <= 1.0
+    with pytest.raises(FinetuneError, match="epochs"):
+        finetune(net, images=xf, labels=y, epochs=0)
+    with pytest.raises(FinetuneError, match="learning rate"):
+        finetune(net, images=xf, labels=y, lr=0.0)
+    with pytest.raises(DataError, match="empty"):
+        finetune(net, images=xf[:0], labels=y[:0])

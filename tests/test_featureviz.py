@@ -87,6 +87,8 @@ def _support_box(net: nn.Module, layer: str, x: torch.Tensor, y: int, xpos: int
     (g,) = torch.autograd.grad(z[:, :, y, xpos].sum(), x)
     support = g.abs().sum(dim=(0, 1)) > 0
     ys, xs = torch.nonzero(support, as_tuple=True)
+    if len(ys) == 0:
+        return 0, 0, 0, 0  # the position sees only padding
     return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
 
 
@@ -95,7 +97,7 @@ def test_receptive_field_equals_brute_force_gradient_support():
     net = RFNet().double().eval()
     graph = ModelGraph.build(net, torch.zeros(1, 1, 23, 19, dtype=torch.float64))
     x = torch.randn(48, 1, 23, 19, dtype=torch.float64)  # many inputs: max-pool argmax varies
-    checked = 0
+    checked = empty = 0
     for layer in ["c1", "c2", "short", "c3", "avg", "ad", "mp"]:
         z = forward_until(net, layer, x[:1])
         h, w = z.shape[-2:]
@@ -108,14 +110,15 @@ def test_receptive_field_equals_brute_force_gradient_support():
         for (y, xx), box in zip(positions, boxes.tolist(), strict=True):
             assert tuple(box) == _support_box(net, layer, x, y, xx), (layer, y, xx)
             checked += 1
-    assert checked > 150
+            empty += box == [0, 0, 0, 0]
+    assert checked > 150 and empty > 0  # the padding-only positions were met too
 
 
 def test_receptive_field_of_fmnist_vgg_composes_kernels_and_pools(vgg_graph):
-    # features.4 sits behind conv3 (pad 1) · maxpool 2 · conv3 (pad 1): 10 px, clipped at edges
-    assert receptive_field(vgg_graph, "features.4", (7, 7)) == (11, 11, 21, 21)
+    # features.4 sits behind conv3 (pad 1) · maxpool 2 · conv3 (pad 1): 8 px, clipped at edges
+    assert receptive_field(vgg_graph, "features.4", (7, 7)) == (11, 11, 19, 19)
     assert receptive_field(vgg_graph, "features.4", (0, 0)) == (0, 0, 5, 5)
-    assert receptive_field(vgg_graph, "features.4", (0, 0), clip=False) == (-1, -1, 9, 9)
+    assert receptive_field(vgg_graph, "features.4", (0, 0), clip=False) == (-3, -3, 5, 5)
     assert receptive_field(vgg_graph, "classifier.2") == (0, 0, 28, 28)  # Linear: all
     full = receptive_field(vgg_graph, "features.11", [(0, 0), (6, 6)], clip=False)
     sizes = (full[:, 2:] - full[:, :2]).unique()
@@ -150,10 +153,10 @@ def test_identity_transform_is_exact_and_random_ones_are_seeded():
 def test_colour_covariance_constant_matches_the_shapes_data():
     from netcarve.data import make_shapes
 
-    images, _ = make_shapes(512, seed=10_000)
+    images, _ = make_shapes(2000, seed=10_000)  # the provenance the constant documents
     measured = colour_covariance(images)
     assert torch.allclose(measured, torch.tensor(SHAPES_RGB_COVARIANCE, dtype=torch.float64),
-                          atol=2e-3)
+                          atol=1e-4)
     m = colour_decorrelation()
     cov = torch.tensor(SHAPES_RGB_COVARIANCE, dtype=torch.float64)
     root = m.double() @ m.double().T  # the matrix is a square root of the covariance (scaled)
@@ -192,7 +195,7 @@ def test_visualize_is_seeded_and_leaves_the_model_exactly_as_it_was(vgg, vgg_gra
     model.features[0].weight.requires_grad_(False)
     try:
         before = _state(model)
-        kw = dict(channels=[0, 5], preset=vgg.preset, steps=8, graph=vgg_graph)
+        kw = dict(channels=[0, 5], preset=vgg.preset, steps=4, graph=vgg_graph)
         a = visualize(model, "features.4", seed=3, **kw)
         _assert_same(model, before)
         b = visualize(model, "features.4", seed=3, **kw)
@@ -204,7 +207,7 @@ def test_visualize_is_seeded_and_leaves_the_model_exactly_as_it_was(vgg, vgg_gra
     assert not torch.allclose(a.images, c.images)
     assert a.targets == ["features.4:0", "features.4:5"]
     assert a.images.shape == (2, 1, 28, 28) and float(a.images.min()) >= 0
-    assert a.history.shape == (8, 2)
+    assert a.history.shape == (4, 2)
 
 
 def test_result_does_not_depend_on_the_batch_it_was_optimised_in(vgg, vgg_graph):
@@ -323,7 +326,7 @@ def test_dataset_examples_match_brute_force(vgg, vgg_graph, probe):
         expect = receptive_field(vgg_graph, "features.7", ex.positions[c])
         assert torch.equal(ex.boxes[c], expect)
     patches = ex.patches(probe, vgg.preset)
-    assert {p.shape for row in patches for p in row} == {(14, 14)}  # padded to the full field
+    assert {p.shape for row in patches for p in row} == {(12, 12)}  # padded to the full field
     clipped = ex.patches(probe, vgg.preset, pad=False)[0][0]
     y0, x0, y1, x1 = ex.boxes[0, 0].tolist()
     assert clipped.shape == (y1 - y0, x1 - x0)

@@ -68,6 +68,9 @@ LayerCompute = Callable[[str, nn.Module, torch.Tensor, Callable[[], torch.Tensor
                         torch.Tensor]
 
 
+_HAS_EDGES = hasattr(torch.autograd.graph, "get_gradient_edge")
+
+
 class _InputModified(Exception):
     """A captured layer input was modified in place after the layer read it."""
 
@@ -246,7 +249,7 @@ def layer_grad_batches(
             z = out.detach() if need_output else None
             state.entries[name] = (x, x._version, z, -1 if z is None else z._version)
             out.register_hook(make_grad_hook(name))
-            if name in sources:
+            if name in sources and _HAS_EDGES:
                 state.edges.append(torch.autograd.graph.get_gradient_edge(out))
 
         return hook
@@ -274,7 +277,7 @@ def layer_grad_batches(
 
         return hook
 
-    with scoring_session(ctx, weights_need_grad=names), ExitStack() as stack:
+    with scoring_session(ctx), ExitStack() as stack:
         for name, module in modules.items():
             handle = module.register_forward_hook(make_forward_hook(name))
             stack.callback(handle.remove)
@@ -287,10 +290,17 @@ def layer_grad_batches(
                 state.results = {}
                 state.error = None
                 try:
-                    loss = objective(ctx, run(batch))
-                    if loss.requires_grad and state.edges:
-                        torch.autograd.grad(loss, state.edges, allow_unused=True)
-                    del loss
+                    # The input requires grad so every layer output does, whatever the weights'
+                    # requires_grad; the clone keeps in-place ops on the input legal.
+                    leaf = batch.detach().requires_grad_(True)
+                    loss = objective(ctx, run(leaf.clone()))
+                    # The backward pass stops at the outputs of the first scored layers (their
+                    # gradient edges, taken before any in-place op); without edges (old torch)
+                    # it runs down to the input instead, at the cost of one more input gradient.
+                    ends = state.edges if _HAS_EDGES else [leaf]
+                    if loss.requires_grad and ends:
+                        torch.autograd.grad(loss, ends, allow_unused=True)
+                    del loss, leaf
                 except _InputModified as exc:
                     if clone_inputs:
                         raise CriterionError(

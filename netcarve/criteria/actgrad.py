@@ -19,8 +19,14 @@ How it is computed (the expensive part is the kernel score, which needs every ke
   matrix product ``W_i [R, taps] @ X_i [taps, positions]`` on ``X_i``, the channel's shifted
   windows (built by ``taps`` strided copies of the padded input). The product is made in
   cache-sized blocks of positions, then ``|·|``, times ``|g|`` and summed in place, so no
-  ``batch × in·out × positions`` tensor ever exists. On CPU float32 the product uses oneDNN
-  (via ``torch.ops.mkldnn``) when available, else ``torch.mm``/``torch.bmm``.
+  ``batch × in·out × positions`` tensor ever exists. On CPU float32 the product is one oneDNN
+  call per channel (``torch.ops.mkldnn._linear_pointwise``, about twice as fast as MKL for
+  such thin products) when available; otherwise (float64, CUDA, no oneDNN) one ``torch.bmm``
+  per block of channels.
+* On CPU with ``k = torch.get_num_threads() > 1``, each layer's work is split into ``k`` parts
+  run by ``k`` Python threads with single-threaded ops (intra-op threads are set to 1 while
+  they run and restored afterwards): the many small products then need no per-op
+  synchronisation.
 * When a layer has only a few relevant rows (the target layer), each row's maps for all input
   channels are one depthwise convolution instead.
 * ``1×1`` convs and Linear layers after a vector: ``|a·g| = |w| |x| |g|``, so the score is
@@ -59,8 +65,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BLOCK_ELEMENTS", "DEPTHWISE_MAX_ROWS", "ActGrad", "kernel_abs_sums"]
 
-#: Elements of the per-step product block ``[rows, positions]`` (sized for a core's L2 cache).
-BLOCK_ELEMENTS = 1 << 18
+#: Elements of the per-step product block ``[rows, positions]`` (about a core's L2 cache).
+BLOCK_ELEMENTS = 1 << 19
 #: Elements of the shifted-window buffer built per step.
 WINDOW_ELEMENTS = 1 << 20
 #: Layers with at most this many relevant rows use one depthwise convolution per row.
@@ -77,7 +83,8 @@ def _mkldnn_linear() -> Any:
         try:
             if torch.backends.mkldnn.is_available():
                 cand = torch.ops.mkldnn._linear_pointwise
-                a, b = torch.randn(5, 3), torch.randn(4, 3)
+                a = torch.arange(15, dtype=torch.float32).reshape(5, 3).sin()
+                b = torch.arange(12, dtype=torch.float32).reshape(4, 3).cos()
                 if torch.allclose(cand(a, b, None, "none", [], ""), a @ b.T, atol=1e-5):
                     op = cand
         except Exception:  # any failure: fall back to torch.mm
@@ -86,12 +93,17 @@ def _mkldnn_linear() -> Any:
     return _MKLDNN[0] if torch.backends.mkldnn.enabled else None
 
 
-def _matmul_fn(t: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``f(W [R, K], XT [K, M]) -> W @ XT [R, M]``, the fastest available for ``t``."""
+def _matmul_fn(t: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``f(W [R, K], XT [K, M]) -> W @ XT [R, M]`` through oneDNN, or None.
+
+    oneDNN's small-``K`` products are about twice as fast as MKL's ``torch.mm`` on CPU float32;
+    elsewhere (float64, CUDA) the caller batches channels through ``torch.bmm`` instead.
+    """
     op = _mkldnn_linear() if t.device.type == "cpu" and t.dtype == torch.float32 else None
     if op is None:
-        return torch.mm
-    return lambda w, xt: op(w, xt.t(), None, "none", [], "")
+        return None
+    no_scalars: list[Any] = []
+    return lambda w, xt: op(w, xt.t(), None, "none", no_scalars, "")
 
 
 def _pad_spec(module: nn.Module, dims: int) -> list[tuple[int, int]]:
@@ -155,13 +167,17 @@ def _linear_sums(
         return w.abs() * (x.abs().t() @ gabs).t()
     xv = x.reshape(n, cin, spatial)
     wv = w.reshape(r, cin, spatial)
-    out = torch.empty(cin, r, dtype=x.dtype, device=x.device)
     block = max(1, BLOCK_ELEMENTS // max(1, n * r))
-    for c0 in range(0, cin, block):
-        c1 = min(cin, c0 + block)
-        y = torch.bmm(xv[:, c0:c1].transpose(0, 1), wv[:, c0:c1].permute(1, 2, 0))
-        out[c0:c1] = y.abs_().mul_(gabs).sum(dim=1)
-    return out.t()
+
+    def part(starts: list[int]) -> torch.Tensor:
+        out = torch.zeros(cin, r, dtype=torch.float64, device=x.device)
+        for c0 in starts:
+            c1 = min(cin, c0 + block)
+            y = torch.bmm(xv[:, c0:c1].transpose(0, 1), wv[:, c0:c1].permute(1, 2, 0))
+            out[c0:c1] = y.abs_().mul_(gabs).sum(dim=1)
+        return out
+
+    return _parallel(part, list(range(0, cin, block)), x.device).t()
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -201,51 +217,60 @@ class _Conv:
 def _conv_single_input(geo: _Conv, x: torch.Tensor, g: torch.Tensor,
                        weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """One input channel per group: ``a_o0`` is the bias-free output. Returns ``[R, 1]``."""
-    n = x.shape[0]
     rsel = _as_slice(rows)
     per_image = max(1, math.prod(geo.out) * weight.shape[0])
-    step = max(1, (4 * BLOCK_ELEMENTS) // per_image)
-    total = None
-    for n0 in range(0, n, step):
-        xpad = _padded(geo.module, x[n0:n0 + step], geo.pad)
-        a = _take(geo.depthwise(xpad, weight, geo.groups), 1, rsel)
-        s = _sum_but(a.mul_(_take(g[n0:n0 + step], 1, rsel)).abs_(), 1)
-        total = s if total is None else total + s
-    assert total is not None
-    return total[:, None].to(torch.float64)
+    step = max(1, BLOCK_ELEMENTS // per_image)
+
+    def part(starts: list[int]) -> torch.Tensor:
+        total = torch.zeros(rows.numel(), dtype=torch.float64, device=x.device)
+        for n0 in starts:
+            xpad = _padded(geo.module, x[n0:n0 + step], geo.pad)
+            a = _take(geo.depthwise(xpad, weight, geo.groups), 1, rsel)
+            total += _sum_but(a.mul_(_take(g[n0:n0 + step], 1, rsel)).abs_(), 1)
+        return total
+
+    return _parallel(part, list(range(0, x.shape[0], step)), x.device)[:, None]
 
 
 def _conv_pointwise(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                     rsel: slice | torch.Tensor) -> torch.Tensor:
     """1×1-tap kernels of one group: ``|w| ⊙ Σ |x_i| |g_o|``. Returns ``[R, cpg]``."""
-    n, cpg = x.shape[0], x.shape[1]
-    r = w.shape[0]
+    cpg, r = x.shape[1], w.shape[0]
     positions = math.prod(geo.out)
-    step = max(1, (4 * BLOCK_ELEMENTS) // max(1, positions * max(cpg, r)))
-    acc = torch.zeros(cpg, r, dtype=x.dtype, device=x.device)
+    step = max(1, BLOCK_ELEMENTS // max(1, positions * max(cpg, r)))
     zero_tap = tuple(0 for _ in range(geo.dims))
-    for n0 in range(0, n, step):
-        xpad = _padded(geo.module, x[n0:n0 + step], geo.pad)
-        xs = geo.window(xpad, zero_tap, 0, geo.out[0]).abs().reshape(-1, cpg, positions)
-        gs = _take(g[n0:n0 + step], 1, rsel).abs().reshape(-1, r, positions)
-        acc += torch.bmm(xs, gs.transpose(1, 2)).sum(dim=0)
+
+    def part(starts: list[int]) -> torch.Tensor:
+        acc = torch.zeros(cpg, r, dtype=torch.float64, device=x.device)
+        for n0 in starts:
+            xpad = _padded(geo.module, x[n0:n0 + step], geo.pad)
+            xs = geo.window(xpad, zero_tap, 0, geo.out[0]).abs().reshape(-1, cpg, positions)
+            gs = _take(g[n0:n0 + step], 1, rsel).abs().reshape(-1, r, positions)
+            acc += torch.bmm(xs, gs.transpose(1, 2)).sum(dim=0)
+        return acc
+
+    acc = _parallel(part, list(range(0, x.shape[0], step)), x.device)
     return w.reshape(r, cpg).abs() * acc.t()
 
 
 def _conv_rows_depthwise(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                          rows: torch.Tensor) -> torch.Tensor:
     """Few rows: one depthwise conv per row gives ``a_oi`` for all ``i``. Returns ``[R, cpg]``."""
-    n, cpg = x.shape[0], x.shape[1]
+    cpg = x.shape[1]
     positions = math.prod(geo.out)
-    step = max(1, (4 * BLOCK_ELEMENTS) // max(1, positions * cpg))
-    out = torch.zeros(w.shape[0], cpg, dtype=x.dtype, device=x.device)
-    for n0 in range(0, n, step):
-        xpad = _padded(geo.module, x[n0:n0 + step], geo.pad)
-        for j in range(w.shape[0]):
-            a = geo.depthwise(xpad, w[j].unsqueeze(1), cpg)
-            gj = g[n0:n0 + step, int(rows[j])].unsqueeze(1)
-            out[j] += _sum_but(a.mul_(gj).abs_(), 1)
-    return out
+    step = max(1, BLOCK_ELEMENTS // max(1, positions * cpg))
+
+    def part(starts: list[int]) -> torch.Tensor:
+        out = torch.zeros(w.shape[0], cpg, dtype=torch.float64, device=x.device)
+        for n0 in starts:
+            xpad = _padded(geo.module, x[n0:n0 + step], geo.pad)
+            for j in range(w.shape[0]):
+                a = geo.depthwise(xpad, w[j].unsqueeze(1), cpg)
+                gj = g[n0:n0 + step, int(rows[j])].unsqueeze(1)
+                out[j] += _sum_but(a.mul_(gj).abs_(), 1)
+        return out
+
+    return _parallel(part, list(range(0, x.shape[0], step)), x.device)
 
 
 def _parallel(fn: Callable[[list[int]], torch.Tensor], items: list[int],
@@ -295,9 +320,12 @@ def _conv_gemm(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
     else:
         images, rows_per = 1, max(1, want // inner)
 
+    wrows = list(wc.unbind(0))
+
     def part(chans: list[int]) -> torch.Tensor:
         out = torch.zeros(cpg, r, dtype=torch.float64, device=x.device)
         acc = torch.zeros(cpg, r, dtype=x.dtype, device=x.device)
+        accs = list(acc.unbind(0))
         for n0 in range(0, n, images):
             n1 = min(n, n0 + images)
             xpad = _padded(geo.module, x[n0:n1], geo.pad)
@@ -311,15 +339,23 @@ def _conv_gemm(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                 per_block = max(1, WINDOW_ELEMENTS // (taps * positions))
                 for b0 in range(0, len(chans), per_block):
                     block = chans[b0:b0 + per_block]
-                    xs = _take(xpad, 1, _as_slice(torch.tensor(block)))
+                    csel = _as_slice(torch.tensor(block))
+                    xs = _take(xpad, 1, csel)
                     win = torch.empty((len(block), taps, *block_shape), dtype=x.dtype,
                                       device=x.device)
                     for t, tap in enumerate(geo.offsets):
                         win[:, t].copy_(geo.window(xs, tap, h0, h1).transpose(0, 1))
                     win = win.view(len(block), taps, positions)
-                    for j, c in enumerate(block):
-                        y = matmul(wc[c], win[j])
-                        torch.sum(y.abs_().mul_(gabs), dim=1, out=acc[c])
+                    if matmul is None:  # batched products over sub-blocks of channels
+                        sub = max(1, (4 * BLOCK_ELEMENTS) // (r * positions))
+                        for s0 in range(0, len(block), sub):
+                            idx = torch.tensor(block[s0:s0 + sub], device=x.device)
+                            y = torch.bmm(wc.index_select(0, idx), win[s0:s0 + sub])
+                            acc.index_copy_(0, idx, torch.sum(y.abs_().mul_(gabs), dim=2))
+                        continue
+                    for xt, c in zip(win.unbind(0), block, strict=True):
+                        y = matmul(wrows[c], xt)
+                        torch.sum(y.abs_().mul_(gabs), dim=1, out=accs[c])
                 out += acc
                 acc.zero_()
         return out
@@ -463,11 +499,14 @@ class ActGrad:
 def _filter_abs_sums(z: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``Σ_{images, positions} |z_o g_o|`` for the given rows: float64 ``[R]``."""
     rsel = _as_slice(rows)
-    per_image = max(1, g[0].numel())
-    step = max(1, (4 * BLOCK_ELEMENTS) // per_image)
-    total = torch.zeros(rows.numel(), dtype=torch.float64, device=g.device)
-    for n0 in range(0, g.shape[0], step):
-        zz = _take(z[n0:n0 + step], 1, rsel)
-        gg = _take(g[n0:n0 + step], 1, rsel)
-        total += _sum_but((zz * gg).abs_(), 1).to(torch.float64)
-    return total
+    step = max(1, BLOCK_ELEMENTS // max(1, g[0].numel()))
+
+    def part(starts: list[int]) -> torch.Tensor:
+        total = torch.zeros(rows.numel(), dtype=torch.float64, device=g.device)
+        for n0 in starts:
+            zz = _take(z[n0:n0 + step], 1, rsel)
+            gg = _take(g[n0:n0 + step], 1, rsel)
+            total += _sum_but((zz * gg).abs_(), 1)
+        return total
+
+    return _parallel(part, list(range(0, g.shape[0], step)), g.device)

@@ -25,7 +25,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layer", default="features.7")
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--cp-layer", default="features.4")
@@ -42,7 +42,8 @@ def main() -> None:
     graph = build_graph(lm.model, (1, 28, 28))
     n = graph.layer(args.layer).out_channels
     load = os.getloadavg()[0]
-    print(f"## Feature visualisation (fmnist_vgg, CPU, {args.threads} threads, "
+    threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
+    print(f"## Feature visualisation (fmnist_vgg, CPU, {threads}, "
           f"load average {load:.1f} at start)\n")
 
     visualize(lm.model, args.layer, channels=[0], preset=lm.preset, steps=2, graph=graph)  # warm

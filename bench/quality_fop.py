@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", default="features.4,features.7,features.11,features.14")
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--probe", type=int, default=1000)
@@ -89,7 +90,8 @@ def main() -> None:
     rows = {r["method"]: r for r in cmp.rows}
     f, m = rows["functional"], rows["magnitude"]
     print(f"## Functional vs magnitude pruning of fmnist_vgg (threshold {args.threshold}, "
-          f"{args.threads} threads, load average {os.getloadavg()[0]:.1f} at the end)\n")
+          f"{args.threads} thread{'s' if args.threads != 1 else ''}, load average "
+          f"{os.getloadavg()[0]:.1f} at the end)\n")
     print(f"Layers {', '.join(layers)}: filters removed "
           + ", ".join(f"{k} {v}/{fop.layers[k].keep.numel()}" for k, v in counts.items())
           + f" ({sum(counts.values())} in all); functional pruning took {t_fop:.1f} s.")
@@ -106,26 +108,35 @@ def main() -> None:
         print(f"| after fine-tuning, lr {lr:g}, {ep} epoch(s) of {args.finetune_images:,} "
               f"images | {a['accuracy_after']:.2%} | {b['accuracy_after']:.2%} |")
     print()
-    print("Descriptor drift of surviving filters: mean cosine similarity before vs after "
-          "fine-tuning (raw descriptor / layer-relative descriptor), all pruned layers "
-          "pooled:\n")
-    print("| descriptor | setting | functional | magnitude (L1) |")
-    print("|---|---|---|---|")
+    print("Descriptor drift of surviving filters, all pruned layers pooled: mean cosine "
+          "similarity of each survivor's descriptor in the pruned network before vs after "
+          "fine-tuning (raw descriptor / layer-relative descriptor), and after fine-tuning vs "
+          "the same filter in the unpruned network (raw):\n")
+    print("| descriptor | setting | functional: before→after (raw / relative) | "
+          "magnitude: before→after (raw / relative) | functional: vs unpruned | "
+          "magnitude: vs unpruned |")
+    print("|---|---|---|---|---|---|")
     pooled: dict[tuple, list[dict]] = {}
     for r in report.rows:
         pooled.setdefault((r["descriptor"], r["lr"], r["epochs"], r["method"]), []).append(r)
 
     def mean(key: tuple, field: str) -> float:
-        vals = [r[field] for r in pooled[key]]
-        return sum(vals) / len(vals)
+        vals = [r[field] for r in pooled[key] if math.isfinite(r[field])]
+        return sum(vals) / max(1, len(vals))
 
+    undefined = sum(not math.isfinite(r["cosine"]) for r in report.rows)
     for kind in ("class_preference", "profile"):
         for lr, ep in settings:
             cells = []
             for method in ("functional", "magnitude"):
                 key = (kind, lr, ep, method)
                 cells.append(f"{mean(key, 'cosine'):.3f} / {mean(key, 'cosine_relative'):.3f}")
-            print(f"| {kind} | lr {lr:g}, {ep} ep | {cells[0]} | {cells[1]} |")
+            for method in ("functional", "magnitude"):
+                cells.append(f"{mean((kind, lr, ep, method), 'cosine_vs_original'):.3f}")
+            print(f"| {kind} | lr {lr:g}, {ep} ep | " + " | ".join(cells) + " |")
+    print(f"\n({undefined} of {len(report.rows)} survivor × setting × descriptor rows have an "
+          "undefined cosine -- an all-zero descriptor, e.g. a filter never active on the probe "
+          "images -- and are left out.)")
     print()
     print("Per layer (class preference, layer-relative cosine, lr "
           f"{settings[0][0]:g}, {settings[0][1]} epoch):\n")
@@ -137,7 +148,8 @@ def main() -> None:
         for method in ("functional", "magnitude"):
             vals = [r["cosine_relative"] for r in report.rows if r["layer"] == layer
                     and r["method"] == method and r["descriptor"] == "class_preference"
-                    and (r["lr"], r["epochs"]) == (lr0, ep0)]
+                    and (r["lr"], r["epochs"]) == (lr0, ep0)
+                    and math.isfinite(r["cosine_relative"])]
             cells.append(f"{sum(vals) / len(vals):.3f} (min {min(vals):.3f})")
         print(f"| {layer} | {cells[0]} | {cells[1]} |")
     print(f"\nDefection runs took {t_def:.0f} s; everything {time.perf_counter() - start:.0f} s. "

@@ -28,8 +28,9 @@ from .zoo import load_model
 
 DEMO_MODEL = "fmnist_vgg"
 DEMO_TARGET = "features.11:5"
-SWEEP_UNITS = ("features.4:3", "features.7:10", "features.11:5", "features.11:40",
-               "features.14:7", "features.14:100")
+SWEEP_UNITS = ("features.4:3", "features.7:10", "features.11:40", "features.14:7")
+SWEEP_IMAGES = 200
+SUBCIRCUIT_IMAGES = 200
 
 
 class _Page:
@@ -167,7 +168,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
                 for r in circuit.per_layer()])
 
     log("[4/5] sub-feature circuits")
-    rep = subcircuits(lm.model, circuit.target, scoring[:300], n_groups=2, criterion="actgrad",
+    rep = subcircuits(lm.model, circuit.target, scoring[:SUBCIRCUIT_IMAGES], n_groups=2, criterion="actgrad",
                       keep=0.1, sub_keep=0.5, seed=0, graph=graph)
     sdir = out / "subcircuits"
     sdir.mkdir(exist_ok=True)
@@ -192,7 +193,8 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     page.links([("summary.json", "subcircuits/summary.json")])
 
     log("[5/5] sweeping the criteria over a few units")
-    res = sweep(lm.model, list(SWEEP_UNITS), scoring[:300], heldout[:300], graph=graph,
+    res = sweep(lm.model, list(SWEEP_UNITS), scoring[:SWEEP_IMAGES], heldout[:SWEEP_IMAGES],
+                graph=graph,
                 progress=progress)
     wdir = out / "sweep"
     res.write_csv(wdir / "sweep.csv")

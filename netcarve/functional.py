@@ -1255,22 +1255,38 @@ class DefectionReport:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> list[dict[str, Any]]:
-        """Mean / median / min cosine per (method, lr, epochs, layer, descriptor)."""
+        """Mean / median / min cosine per (method, lr, epochs, layer, descriptor).
+
+        Undefined cosines (a descriptor that is all zero, e.g. the class preference of a filter
+        that is never active) are left out of the statistics and counted in ``undefined``.
+        """
         groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for r in self.rows:
             key = (r["method"], r["lr"], r["epochs"], r["layer"], r["descriptor"])
             groups.setdefault(key, []).append(r)
+
+        def stats(rows: list[dict[str, Any]], name: str) -> torch.Tensor:
+            vals = torch.tensor([r[name] for r in rows], dtype=torch.float64)
+            return vals[torch.isfinite(vals)]
+
         out = []
         for (method, lr, epochs, layer, kind), rows in groups.items():
-            vals = torch.tensor([r["cosine"] for r in rows], dtype=torch.float64)
-            rel = torch.tensor([r["cosine_relative"] for r in rows], dtype=torch.float64)
-            orig = torch.tensor([r["cosine_vs_original"] for r in rows], dtype=torch.float64)
+            vals = stats(rows, "cosine")
+            rel = stats(rows, "cosine_relative")
+            orig = stats(rows, "cosine_vs_original")
+
+            def agg(t: torch.Tensor, how: str) -> float | None:
+                if not len(t):
+                    return None
+                return float(getattr(t, how)())
+
             out.append({"method": method, "lr": lr, "epochs": epochs, "layer": layer,
                         "descriptor": kind, "filters": len(rows),
-                        "mean_cosine": float(vals.mean()),
-                        "median_cosine": float(vals.median()), "min_cosine": float(vals.min()),
-                        "mean_cosine_relative": float(rel.mean()),
-                        "mean_cosine_vs_original": float(orig.mean())})
+                        "undefined": len(rows) - len(vals),
+                        "mean_cosine": agg(vals, "mean"), "median_cosine": agg(vals, "median"),
+                        "min_cosine": agg(vals, "min"),
+                        "mean_cosine_relative": agg(rel, "mean"),
+                        "mean_cosine_vs_original": agg(orig, "mean")})
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -1292,8 +1308,9 @@ class DefectionReport:
         return out
 
     def plot(self, path: str | Path) -> Path:
-        """Box plots of the before-vs-after cosine of surviving filters: one panel per
-        descriptor, one box per (learning rate, epochs) and method.
+        """Box plots of the before-vs-after cosine of surviving filters: one row per
+        descriptor, the raw and the layer-relative cosine side by side, one box per
+        (learning rate, epochs) and method. Undefined cosines are left out.
 
         Returns:
             the path written.
@@ -1306,35 +1323,41 @@ class DefectionReport:
         kinds = sorted({r["descriptor"] for r in self.rows})
         methods = list(dict.fromkeys(r["method"] for r in self.rows))
         settings = list(dict.fromkeys((r["lr"], r["epochs"]) for r in self.rows))
-        fig, axes = plt.subplots(1, max(len(kinds), 1), squeeze=False,
-                                 figsize=(max(4.0, 1.3 * len(settings) * len(methods)) *
-                                          max(len(kinds), 1) * 0.75 + 1, 3.8))
+        fields = (("cosine", "raw descriptor"), ("cosine_relative", "layer-relative"))
+        width_in = max(4.5, 0.75 * len(settings) * len(methods) + 1.5)
+        fig, axes = plt.subplots(max(len(kinds), 1), 2, squeeze=False,
+                                 figsize=(2 * width_in, 3.1 * max(len(kinds), 1) + 0.5))
         colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-        for ax, kind in zip(axes[0], kinds, strict=False):
-            width = 0.8 / max(len(methods), 1)
-            for mi, method in enumerate(methods):
-                data = [[r["cosine"] for r in self.rows if r["descriptor"] == kind and
-                         r["method"] == method and (r["lr"], r["epochs"]) == s]
-                        for s in settings]
-                pos = [i + (mi - (len(methods) - 1) / 2) * width for i in range(len(settings))]
-                bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True,
-                                showfliers=True, flierprops={"markersize": 2})
-                for patch in bp["boxes"]:
-                    patch.set_facecolor(colours[mi % len(colours)])
-                    patch.set_alpha(0.6)
-                ax.plot([], [], color=colours[mi % len(colours)], linewidth=6, alpha=0.6,
-                        label=method)
-            ax.set_xticks(range(len(settings)))
-            ax.set_xticklabels([f"lr {lr:g}\n{ep} ep" for lr, ep in settings], fontsize=7)
-            ax.set_ylabel("cosine similarity before vs after", fontsize=8)
-            ax.set_title(f"{kind} of surviving filters", fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize=7, loc="lower left")
-        fig.suptitle("Functionality defection under fine-tuning", fontsize=10)
+        width = 0.8 / max(len(methods), 1)
+        for row, kind in enumerate(kinds):
+            for col, (name, label) in enumerate(fields):
+                ax = axes[row, col]
+                for mi, method in enumerate(methods):
+                    data = [[r[name] for r in self.rows if r["descriptor"] == kind
+                             and r["method"] == method and (r["lr"], r["epochs"]) == s
+                             and math.isfinite(r[name])] for s in settings]
+                    pos = [i + (mi - (len(methods) - 1) / 2) * width
+                           for i in range(len(settings))]
+                    bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True,
+                                    flierprops={"markersize": 2})
+                    for patch in bp["boxes"]:
+                        patch.set_facecolor(colours[mi % len(colours)])
+                        patch.set_alpha(0.6)
+                    ax.plot([], [], color=colours[mi % len(colours)], linewidth=6, alpha=0.6,
+                            label=method)
+                ax.set_xticks(range(len(settings)))
+                ax.set_xticklabels([f"lr {lr:g}, {ep} ep" for lr, ep in settings], fontsize=7)
+                ax.set_ylabel("cosine before vs after", fontsize=8)
+                ax.set_title(f"{kind}: {label}", fontsize=9)
+                ax.set_ylim(-1.05, 1.05)
+                ax.grid(axis="y", alpha=0.3)
+                ax.legend(fontsize=7, loc="lower left")
+        fig.suptitle("Functionality defection: surviving filters' descriptors before vs after "
+                     "fine-tuning", fontsize=10)
         fig.tight_layout()
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
+        fig.savefig(out, dpi=110)
         plt.close(fig)
         return out
 
@@ -1346,7 +1369,7 @@ def _rowwise_cosine(a: torch.Tensor, b: torch.Tensor, center: bool) -> torch.Ten
         y = y - y.mean(dim=1, keepdim=True)
     num = (x * y).sum(dim=1)
     den = x.norm(dim=1) * y.norm(dim=1)
-    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(num, math.nan))
 
 
 def defection(

@@ -25,7 +25,12 @@ Conventions shared by all criteria:
   ignore masks). The model comes back exactly as it was.
 * Kernels whose output channel has no path to the target get score 0 from the gradient-based
   criteria (their gradient is exactly zero); so do kernels zeroed by ``ctx.masks`` (except in
-  FORCE, which scores w.r.t. the mask).
+  FORCE, which scores w.r.t. the mask). ``actgrad`` computes only the rows (output channels)
+  that have a kernel in ``ctx.relevant``; the other rows are 0.
+* ``actgrad``, ``snip`` and ``force`` run one forward pass to the target and one backward pass
+  per batch (FORCE: per batch and step). On CPU, ``actgrad`` splits each layer's work over
+  ``torch.get_num_threads()`` Python threads, setting torch's intra-op threads to 1 while they
+  run (restored afterwards).
 
 Example:
     >>> from netcarve.criteria import CRITERIA, get_criterion

@@ -63,9 +63,9 @@ class GranularityError(CriterionError, NotImplementedError):
 
 
 # A callback that turns one layer's tensors into a per-batch partial result:
-# compute(name, module, x, z_fn, g) -> tensor, where z_fn() returns the raw output.
+# compute(name, module, x, z_fn, g) -> anything, where z_fn() returns the raw output.
 LayerCompute = Callable[[str, nn.Module, torch.Tensor, Callable[[], torch.Tensor], torch.Tensor],
-                        torch.Tensor]
+                        Any]
 
 
 _HAS_EDGES = hasattr(torch.autograd.graph, "get_gradient_edge")
@@ -193,7 +193,7 @@ class _BatchState:
     entries: dict[str, tuple[torch.Tensor, int, torch.Tensor | None, int]] = field(
         default_factory=dict)
     edges: list[Any] = field(default_factory=list)
-    results: dict[str, torch.Tensor] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
 
 
@@ -203,7 +203,7 @@ def layer_grad_batches(
     *,
     need_output: bool = False,
     layers: list[str] | None = None,
-) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+) -> Iterator[tuple[dict[str, Any], int]]:
     """Per batch, call ``compute`` for every scored layer with its input and output gradient.
 
     For each batch of ``ctx.batches()``: run the model up to ``ctx.target.layer``, compute
@@ -215,7 +215,7 @@ def layer_grad_batches(
 
     Args:
         ctx: the scoring context (model, graph, resolved target, batches, layers, masks).
-        compute: the per-layer callback; it returns a tensor (a partial result).
+        compute: the per-layer callback; it returns a partial result (any object).
         need_output: keep the layers' raw outputs for ``z_fn``.
         layers: score only these (a subset of ``ctx.layers``); default all of them.
 

@@ -471,27 +471,29 @@ class ActGrad:
         scored = [n for n in modules if rows[n].numel()]
 
         def compute(name: str, module: nn.Module, x: torch.Tensor,
-                    z_fn: Callable[[], torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+                    z_fn: Callable[[], torch.Tensor], g: torch.Tensor
+                    ) -> tuple[torch.Tensor, int]:
+            count = g[:, 0].numel()  # images × positions of this batch
             if kernel:
-                return kernel_abs_sums(module, infos[name], x, g, rows[name])
-            return _filter_abs_sums(z_fn(), g, rows[name])
+                return kernel_abs_sums(module, infos[name], x, g, rows[name]), count
+            return _filter_abs_sums(z_fn(), g, rows[name]), count
 
         sums: dict[str, torch.Tensor] = {}
-        images = 0
-        with closing(layer_grad_batches(ctx, compute, need_output=not kernel,
-                                        layers=scored)) as batches:
-            for results, n in batches:
-                images += n
-                for name, s in results.items():
-                    sums[name] = s if name not in sums else sums[name] + s
+        counts: dict[str, int] = {}
+        if scored:  # nothing relevant: nothing to run
+            batches = layer_grad_batches(ctx, compute, need_output=not kernel, layers=scored)
+            with closing(batches):
+                for results, _n in batches:
+                    for name, (s, count) in results.items():
+                        sums[name] = s if name not in sums else sums[name] + s
+                        counts[name] = counts.get(name, 0) + count
         out = {}
         for name in modules:
             info = infos[name]
             shape = info.mask_shape if kernel else (info.out_channels,)
             full = torch.zeros(shape, dtype=torch.float64)
             if name in sums:
-                positions = math.prod(info.output_shape[1:]) if info.kind == "conv" else 1
-                full[rows[name]] = sums[name].cpu() / (images * positions)
+                full[rows[name]] = sums[name].cpu() / counts[name]
             out[name] = to_result(full)
         return out
 

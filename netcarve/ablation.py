@@ -1038,7 +1038,12 @@ class AblationEngine:
                         zero: dict[torch.fx.Node, torch.Tensor] | None, c: int) -> bool:
         if plan.substitute is False or base is None or zero is None or set(base) != set(zero):
             return False
-        return all(v.shape[1] % c == 0 and v.shape == zero[a].shape for a, v in base.items())
+        # channel c of the layer must sit at position c of every live value -- or, once
+        # flattened to [N, C * s], in the block c * s .. (c + 1) * s - 1; anything else (e.g.
+        # a concatenation with another branch) goes the generic way. The substitution is also
+        # checked bitwise against the real computation once per layer.
+        return all(v.shape == zero[a].shape and (v.shape[1] == c or (
+            v.dim() == 2 and v.shape[1] % c == 0)) for a, v in base.items())
 
     def _verify_substitution(self, plan: _Plan, chunk: _Chunk, keeps: torch.Tensor,
                              fixed: dict[str, torch.Tensor],

@@ -536,6 +536,7 @@ class GreedyResult:
     counts: ForwardCounts
     stopped: str = "count"
     window: int | None = None
+    refresh: int | None = None
 
     @property
     def order(self) -> list[tuple[str, int]]:
@@ -551,6 +552,7 @@ class GreedyResult:
         return {
             "mode": self.mode, "scope": self.scope, "metric": self.metric,
             "layers": self.layers, "n_images": self.n_images, "window": self.window,
+            "refresh": self.refresh,
             "filters_removed": len(self.steps), "stopped": self.stopped,
             "base_accuracy": self.base_accuracy, "base_loss": self.base_loss,
             "final_accuracy": self.steps[-1].accuracy if self.steps else self.base_accuracy,
@@ -623,6 +625,7 @@ def greedy_prune(
     mode: str = "exact",
     scope: str = "layer",
     window: int | None = None,
+    refresh: int | None = None,
     metric: MetricLike = "top1",
     preset: Preset | None = None,
     graph: ModelGraph | None = None,
@@ -646,6 +649,8 @@ def greedy_prune(
         scope: ``"layer"``: layers one after another, each given the earlier removals;
             ``"global"``: one pool of candidates across the layers.
         window: candidates re-scored per lazy step (default ``max(4, ceil(remaining / 8))``).
+        refresh: lazy mode only: re-score every candidate every ``refresh`` steps (default:
+            only at the start of each layer / group).
         metric: the CAR metric (ties broken by loss).
         preset: the model's preset.
         graph: the model's graph.
@@ -686,8 +691,8 @@ def greedy_prune(
     groups = [[n] for n in names] if scope == "layer" else [names]
     for group in groups:
         goal = targets[group[0]] if isinstance(targets, dict) else targets
-        _greedy_group(eng, group, masks, goal, floor, mode, window, m, counts, steps, state,
-                      progress)
+        _greedy_group(eng, group, masks, goal, floor, mode, window, refresh, m, counts, steps,
+                      state, progress)
         if state["stopped"] == "floor" and scope == "global":
             break
     if amount is None and state["stopped"] == "count":
@@ -697,7 +702,7 @@ def greedy_prune(
         masks={n: k.clone() for n, k in masks.items()}, base_accuracy=base_acc,
         base_loss=base_loss, n_images=len(eng.labels), evaluations=int(state["evaluations"]),
         seconds=time.perf_counter() - start, counts=counts, stopped=str(state["stopped"]),
-        window=window if mode == "lazy" else None,
+        window=window if mode == "lazy" else None, refresh=refresh if mode == "lazy" else None,
     )
 
 
@@ -717,9 +722,9 @@ def _score(eng: AblationEngine, layer: str, filters: list[int], masks: dict[str,
 
 
 def _greedy_group(eng: AblationEngine, group: list[str], masks: dict[str, torch.Tensor],
-                  goal: int, floor: float | None, mode: str, window: int | None, m: Metric,
-                  counts: ForwardCounts, steps: list[PruneStep], state: dict[str, Any],
-                  progress: Callable[[PruneStep], None] | None) -> None:
+                  goal: int, floor: float | None, mode: str, window: int | None,
+                  refresh: int | None, m: Metric, counts: ForwardCounts, steps: list[PruneStep],
+                  state: dict[str, Any], progress: Callable[[PruneStep], None] | None) -> None:
     stale: dict[tuple[str, int], tuple[float, float, float, float]] = {}
     removed = 0
     while removed < goal:
@@ -728,7 +733,7 @@ def _greedy_group(eng: AblationEngine, group: list[str], masks: dict[str, torch.
         if not remaining:
             state["stopped"] = "exhausted"
             return
-        if mode == "exact" or not stale:
+        if mode == "exact" or not stale or (refresh and removed % refresh == 0):
             chosen = remaining
         else:
             w = window or max(4, math.ceil(len(remaining) / 8))
@@ -786,8 +791,9 @@ def order_agreement(a: Sequence[tuple[str, int]], b: Sequence[tuple[str, int]],
 
     Every filter pruned by either order gets its position in each order (filters an order did
     not prune share the last rank in it); the result holds Kendall's tau-b between the two
-    position vectors, the overlap of the pruned sets (|A ∩ B| / |A ∪ B|) and the fraction of
-    steps that removed the same filter.
+    position vectors, tau-b over the filters both orders pruned (``kendall_tau_common``), the
+    overlap of the pruned sets (|A ∩ B| / |A ∪ B|) and the fraction of steps that removed the
+    same filter.
 
     Example:
         >>> order_agreement([("l", 1), ("l", 2)], [("l", 1), ("l", 2)])["kendall_tau"]
@@ -799,9 +805,13 @@ def order_agreement(a: Sequence[tuple[str, int]], b: Sequence[tuple[str, int]],
     ra = [pos_a.get(k, len(a)) for k in union]
     rb = [pos_b.get(k, len(b)) for k in union]
     same_steps = sum(1 for x, y in zip(a, b, strict=False) if x == y)
-    inter = len(set(a) & set(b))
+    common = [k for k in a if k in pos_b]
+    inter = len(common)
     return {
         "kendall_tau": kendall_tau(ra, rb) if len(union) > 1 else 1.0,
+        "kendall_tau_common": kendall_tau([pos_a[k] for k in common],
+                                          [pos_b[k] for k in common])
+        if inter > 1 else math.nan,
         "overlap": inter / len(union) if union else 1.0,
         "same_step_fraction": same_steps / max(1, min(len(a), len(b))),
         "n_a": float(len(a)),

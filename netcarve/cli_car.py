@@ -82,6 +82,8 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
 @click.option("--lazy", is_flag=True, help="Lazy greedy: re-score only the best candidates.")
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Candidates re-scored per lazy step [default: max(4, remaining/8)].")
+@click.option("--refresh", type=click.IntRange(min=1), default=None,
+              help="Lazy: re-score every candidate every N steps [default: never].")
 @click.option("--finetune", "finetune_epochs", type=click.IntRange(min=0), default=0,
               show_default=True, help="Fine-tune the pruned models this many epochs.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
@@ -97,8 +99,10 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
               help="Input preset (a zoo name) for a package.module:factory model.")
 @click.option("--images-dir", type=click.Path(path_type=Path), default=None,
               help="Your own images (one sub-folder per class) instead of built-in data.")
-@click.option("--images", "n_images", type=click.IntRange(min=0), default=1000,
-              show_default=True, help="Scoring images (first N of the train split).")
+@click.option("--images", "n_images", type=click.IntRange(min=0), default=500,
+              show_default=True,
+              help="Scoring images (first N of the train split). Exact greedy pruning costs "
+                   "about (filters × pruned) removals × N images; --lazy costs a fraction.")
 @click.option("--eval-images", "n_eval", type=click.IntRange(min=0), default=2000,
               show_default=True, help="Evaluation images (first N of the test split).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
@@ -110,10 +114,10 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
 @_fail_cleanly
 def car(model: str, layers: str | None, prune_amount: str | None, floor: float | None,
         scope: str, metric: str, classwise: bool, lazy: bool, window: int | None,
-        finetune_epochs: int, lr: float, finetune_images: int | None, curves: bool,
-        curve_points: int, weights: Path | None, preset: str | None, images_dir: Path | None,
-        n_images: int, n_eval: int, batch_size: int, device: str, seed: int, out: Path,
-        as_json: bool) -> None:
+        refresh: int | None, finetune_epochs: int, lr: float, finetune_images: int | None,
+        curves: bool, curve_points: int, weights: Path | None, preset: str | None,
+        images_dir: Path | None, n_images: int, n_eval: int, batch_size: int, device: str,
+        seed: int, out: Path, as_json: bool) -> None:
     """CAR (classification accuracy reduction) of MODEL's filters, then greedy pruning.
 
     Scores every filter of --layers by the drop of top-1 accuracy when it is removed (its
@@ -178,7 +182,7 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     log(f"greedy {'lazy' if lazy else 'exact'} pruning ({scope}) ...")
     greedy = greedy_prune(net, xs, ys, names, amount=amount, floor=floor,
                           mode="lazy" if lazy else "exact", scope=scope, window=window,
-                          metric=metric, preset=lm.preset, engine=engine)
+                          refresh=refresh, metric=metric, preset=lm.preset, engine=engine)
     files["order"] = str(greedy.save(out / "order.csv"))
     check = xe[:8] if xe.dtype != torch.uint8 else lm.preset.normalize(xe[:8])
     pruned = prune_filters(net, greedy.masks, graph=graph, spec=lm.name, order=greedy.order,

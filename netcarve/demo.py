@@ -169,7 +169,8 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
 
     log("[4/5] sub-feature circuits")
     rep = subcircuits(lm.model, circuit.target, scoring[:SUBCIRCUIT_IMAGES], n_groups=2,
-                      criterion="actgrad", keep=0.1, sub_keep=0.5, seed=0, graph=graph)
+                      general=circuit, criterion="actgrad", keep=0.1, sub_keep=0.5, seed=0,
+                      graph=graph)
     sdir = out / "subcircuits"
     sdir.mkdir(exist_ok=True)
     for i, sc in enumerate(rep.subcircuits):

@@ -1381,6 +1381,7 @@ def featureviz_pictures(
     top_k: int = 4,
     batch_size: int = 64,
     transforms: Transforms | None = None,
+    circuit: Circuit | None = None,
 ) -> Callable[[Any], dict[str, Any]]:
     """A picture provider for circuit diagrams (:mod:`netcarve.diagram.pictures`).
 
@@ -1398,6 +1399,8 @@ def featureviz_pictures(
     Args:
         steps, lr, seed, transforms, batch_size: as for :func:`visualize`.
         top_k: data-set examples per node.
+        circuit: picture every node as this circuit computes it (its kernel masks applied),
+            for both the visualisation and the data-set examples.
 
     Returns:
         ``provider(request) -> {node id: NodePicture}``.
@@ -1423,12 +1426,13 @@ def featureviz_pictures(
             chans = sorted({n.channel for n in nodes})
             viz = visualize(request.model, layer, channels=chans, preset=request.preset,
                             input_shape=shape, steps=steps, lr=lr, seed=seed,
-                            transforms=transforms, batch_size=batch_size, graph=request.graph)
+                            transforms=transforms, batch_size=batch_size, graph=request.graph,
+                            circuit=circuit)
             ex = None
             if request.images is not None and request.images.dim() == 4 and len(request.images):
                 ex = dataset_examples(request.model, layer, request.images, channels=chans,
                                       top_k=top_k, batch_size=max(batch_size, 128),
-                                      graph=request.graph)
+                                      graph=request.graph, circuit=circuit)
                 patches = ex.patches(request.images, request.preset)
             for node in nodes:
                 i = chans.index(node.channel)

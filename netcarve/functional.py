@@ -13,7 +13,8 @@ Pipeline (each step is a function a notebook user can call on its own)::
 activation), measured on a probe set of images:
 
 * ``"am"``: its activation-maximisation image (:func:`netcarve.featureviz.visualize`),
-  flattened;
+  flattened (compared pixel by pixel, so the same pattern at another phase or place counts as
+  different: use it together with the other two);
 * ``"profile"``: the activation profile, the mean of ``z_o`` over positions for every probe
   image (a vector over images);
 * ``"class_preference"``: for every class ``c`` the mean over probe images and positions of
@@ -949,7 +950,7 @@ def plot_clusters(lp: LayerPruning, path: str | Path) -> Path:
         assert am is not None
         cmap = "gray" if am.shape[1] == 1 else None
         for r, g in enumerate(multi):
-            sub = grid[r, 1].subgridspec(1, min(len(g), 8), wspace=0.05)
+            sub = grid[r, 1].subgridspec(1, min(width, 8), wspace=0.05)
             for j, m in enumerate(g[:8]):
                 a = fig.add_subplot(sub[0, j])
                 img = am[m].permute(1, 2, 0).numpy()

@@ -152,6 +152,9 @@ def test_lazy_greedy(data) -> None:
     exact = greedy_prune(net, x, y, "features.4", amount=4, graph=graph)
     wide = greedy_prune(net, x, y, "features.4", amount=4, mode="lazy", window=6, graph=graph)
     assert wide.order == exact.order  # a window covering every candidate is exact
+    fresh = greedy_prune(net, x, y, "features.4", amount=4, mode="lazy", window=1, refresh=1,
+                         graph=graph)
+    assert fresh.order == exact.order  # re-scoring everything at every step is exact
     lazy = greedy_prune(net, x, y, "features.4", amount=4, mode="lazy", window=1, graph=graph)
     assert lazy.evaluations == 6 + 1 + 1 + 1
     assert lazy.order[0] == exact.order[0]
@@ -167,11 +170,13 @@ def test_kendall_tau_and_agreement() -> None:
     assert kendall_tau([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(30))
     assert math.isnan(kendall_tau([1, 1], [1, 2]))
     a = [("l", 0), ("l", 1), ("l", 2)]
-    assert order_agreement(a, a) == {"kendall_tau": 1.0, "overlap": 1.0,
-                                     "same_step_fraction": 1.0, "n_a": 3.0, "n_b": 3.0}
+    assert order_agreement(a, a) == {"kendall_tau": 1.0, "kendall_tau_common": 1.0,
+                                     "overlap": 1.0, "same_step_fraction": 1.0, "n_a": 3.0,
+                                     "n_b": 3.0}
     swapped = order_agreement(a, [("l", 1), ("l", 0), ("l", 3)])
     assert swapped["overlap"] == pytest.approx(2 / 4)
     assert swapped["same_step_fraction"] == 0.0
+    assert swapped["kendall_tau_common"] == pytest.approx(-1.0)
 
 
 def test_resolve_layers(data) -> None:

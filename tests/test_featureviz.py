@@ -312,8 +312,10 @@ def test_visualising_a_circuit_node_uses_the_circuit(vgg, vgg_graph, probe):
 
 
 def test_dataset_examples_match_brute_force(vgg, vgg_graph, probe):
+    before = _state(vgg.model)
     ex = dataset_examples(vgg.model, "features.7", probe, channels=[2, 9], top_k=5,
                           batch_size=64, graph=vgg_graph)
+    _assert_same(vgg.model, before)
     z = forward_until(vgg.model, "features.7", probe)[:, [2, 9]]
     flat = z.reshape(len(z), 2, -1)
     peak, where = flat.max(dim=2)

@@ -322,9 +322,12 @@ def demo(out: Path) -> None:
 def _register_commands() -> None:
     # Commands that live beside their feature modules; registered here so `netcarve --help`
     # lists them all.
+    from .cli_car import car as car_command
     from .cli_diagram import diagram as diagram_command
+    from .cli_featureviz import COMMANDS as featureviz_commands
 
-    cli.add_command(diagram_command)
+    for command in (car_command, diagram_command, *featureviz_commands):
+        cli.add_command(command)
 
 
 _register_commands()

@@ -114,6 +114,19 @@ def test_receptive_field_equals_brute_force_gradient_support():
     assert checked > 150 and empty > 0  # the padding-only positions were met too
 
 
+def test_receptive_field_is_exact_on_the_zoo_resnet_with_projection_shortcuts():
+    from netcarve.zoo import ZOO
+
+    torch.manual_seed(0)
+    net = ZOO["fmnist_resnet"].factory().double().eval()  # architecture only, random weights
+    graph = ModelGraph.build(net, torch.zeros(1, 1, 28, 28, dtype=torch.float64))
+    x = torch.randn(24, 1, 28, 28, dtype=torch.float64)
+    for layer in ["layer1.conv2", "layer1.downsample.0", "layer3.conv1", "layer3.conv2"]:
+        h, w = forward_until(net, layer, x[:1]).shape[-2:]
+        for y, xx in [(0, 0), (h // 2, w // 2), (h - 1, w - 1), (0, w - 1)]:
+            assert receptive_field(graph, layer, (y, xx)) == _support_box(net, layer, x, y, xx)
+
+
 def test_receptive_field_of_fmnist_vgg_composes_kernels_and_pools(vgg_graph):
     # features.4 sits behind conv3 (pad 1) · maxpool 2 · conv3 (pad 1): 8 px, clipped at edges
     assert receptive_field(vgg_graph, "features.4", (7, 7)) == (11, 11, 19, 19)

@@ -416,10 +416,14 @@ def defection(model: str, layers: str, descriptors: str, similarity: str, method
                "seconds": time.perf_counter() - start}
     lines = [f"{lm.name}: {sum(result.removed_counts().values())} filters pruned per method; "
              "mean cosine (before vs after fine-tuning) of surviving filters:"]
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     for s in report.summary():
         lines.append(f"  {s['method']:<10} lr {s['lr']:<6g} {s['epochs']} ep {s['layer']:<12} "
-                     f"{s['descriptor']:<16} {s['mean_cosine']:.3f} (relative "
-                     f"{s['mean_cosine_relative']:.3f})")
+                     f"{s['descriptor']:<16} {num(s['mean_cosine'])} (relative "
+                     f"{num(s['mean_cosine_relative'])}, vs unpruned "
+                     f"{num(s['mean_cosine_vs_original'])})")
     lines.append(f"wrote {csv_path}, {png_path} and {out / 'summary.json'}")
     _write_summary(out, summary, as_json, "\n".join(lines))
 

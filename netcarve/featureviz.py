@@ -1393,10 +1393,11 @@ def featureviz_pictures(
     examples as exact receptive-field patches. Nodes of the model input are skipped (other
     providers picture them). All nodes of one layer are optimised in one batch.
 
-    Use it first in a chain so that the other providers fill in what it skips::
+    Use it first in a chain so that the other providers fill in what it skips (put
+    ``kernel_pictures`` before it to keep showing first-layer kernels)::
 
         from netcarve.diagram.pictures import compose, default_pictures
-        pictures = compose(featureviz_pictures(steps=128), default_pictures())
+        pictures = compose(featureviz_pictures(steps=128, circuit=circuit), default_pictures())
         write_diagram(circuit, model, out, images=x, preset=p, pictures=pictures)
 
     Args:

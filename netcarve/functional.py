@@ -89,6 +89,7 @@ __all__ = [
     "functional_prune",
     "keep_representatives",
     "magnitude_masks",
+    "plot_clusters",
 ]
 
 DESCRIPTORS: tuple[str, ...] = ("am", "profile", "class_preference")

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
-from .errors import NetcarveError
-
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user mistakes (NetcarveError) into a one-line message and a meaningful exit code."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except NetcarveError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
-
-
-def _emit(data: Any, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
+from .cli_common import emit, fail_cleanly
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +25,7 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_fail_cleanly
+@fail_cleanly
 def models(as_json: bool) -> None:
     """List the model zoo with the recorded test accuracy of bundled weights."""
     from .zoo import ZOO
@@ -70,7 +50,7 @@ def models(as_json: bool) -> None:
         acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.2%}"
         shape = "x".join(str(v) for v in r["input"])
         lines.append(f"{r['name']:<15} {acc:>9}  {shape:<10} {r['description']}")
-    _emit(rows, as_json, "\n".join(lines))
+    emit(rows, as_json, "\n".join(lines))
 
 
 @cli.command()
@@ -80,7 +60,7 @@ def models(as_json: bool) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Weight file to write (default: the zoo's bundled file).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_fail_cleanly
+@fail_cleanly
 def train(name: str, epochs: int | None, seed: int, out: Path | None, as_json: bool) -> None:
     """Train bundled model NAME from scratch and save its weights with metadata."""
     from .training import train_model
@@ -88,7 +68,7 @@ def train(name: str, epochs: int | None, seed: int, out: Path | None, as_json: b
     result = train_model(name, out, epochs=epochs, seed=seed, progress=not as_json)
     data = {"name": name, "path": str(result.path), "test_accuracy": result.test_accuracy,
             "seconds": result.seconds, "metadata": result.metadata}
-    _emit(data, as_json, f"{name}: test accuracy {result.test_accuracy:.2%} → {result.path}")
+    emit(data, as_json, f"{name}: test accuracy {result.test_accuracy:.2%} → {result.path}")
 
 
 @cli.command()
@@ -103,7 +83,7 @@ def train(name: str, epochs: int | None, seed: int, out: Path | None, as_json: b
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_fail_cleanly
+@fail_cleanly
 def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: Path | None,
              split: str, limit: int | None, batch_size: int, device: str, as_json: bool) -> None:
     """Measure top-1 accuracy of MODEL (zoo name or package.module:factory)."""
@@ -123,7 +103,7 @@ def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: P
     result = run_evaluate(lm.model, x, y, lm.preset, batch_size=batch_size, device=device,
                           progress=not as_json)
     data = {"model": lm.name, "weights": lm.weights, **result.to_dict()}
-    _emit(data, as_json, f"{lm.name}: top-1 {result.accuracy:.2%} on {result.n:,} images "
+    emit(data, as_json, f"{lm.name}: top-1 {result.accuracy:.2%} on {result.n:,} images "
                          f"(loss {result.loss:.4f})")
 
 
@@ -168,7 +148,7 @@ def _load_for_analysis(model: str, weights: Path | None, preset: str | None,
 def _write_summary(out: Path, summary: dict, as_json: bool, text: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _emit(summary, as_json, text)
+    emit(summary, as_json, text)
 
 
 def _floats(value: str, name: str) -> list[float]:
@@ -191,7 +171,7 @@ def _floats(value: str, name: str) -> list[float]:
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Iterative re-scoring steps.")
 @_model_options
-@_fail_cleanly
+@fail_cleanly
 def extract(model: str, target: str, criterion: str, keep: float, granularity: str,
             per_layer_norm: bool, steps: int, weights: Path | None, preset: str | None,
             images_dir: Path | None, n_images: int, n_heldout: int | None, batch_size: int,
@@ -227,7 +207,7 @@ def extract(model: str, target: str, criterion: str, keep: float, granularity: s
 @click.option("--keeps", default="0.5,0.2,0.1,0.05,0.01", show_default=True)
 @click.option("--per-layer-norm", is_flag=True)
 @_model_options
-@_fail_cleanly
+@fail_cleanly
 def sweep(model: str, layers: str | None, units_per_layer: int, unit_list: str | None,
           criteria: str, keeps: str, per_layer_norm: bool, weights: Path | None,
           preset: str | None, images_dir: Path | None, n_images: int, n_heldout: int | None,
@@ -276,7 +256,7 @@ def sweep(model: str, layers: str | None, units_per_layer: int, unit_list: str |
 @click.option("--sub-keep", type=click.FloatRange(0, 1, min_open=True), default=0.5,
               show_default=True, help="Keep fraction of each sub-circuit, of the general one.")
 @_model_options
-@_fail_cleanly
+@fail_cleanly
 def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: float,
                 sub_keep: float, weights: Path | None, preset: str | None,
                 images_dir: Path | None, n_images: int, n_heldout: int | None,
@@ -310,7 +290,7 @@ def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: fl
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
               show_default=True)
-@_fail_cleanly
+@fail_cleanly
 def demo(out: Path) -> None:
     """Run the main job on the embedded default and print the report's path."""
     from .demo import run_demo

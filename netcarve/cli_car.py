@@ -17,7 +17,8 @@ from typing import Any
 import click
 import torch
 
-from netcarve.cli import _emit, _fail_cleanly
+from netcarve.cli_common import emit as _emit
+from netcarve.cli_common import fail_cleanly as _fail_cleanly
 
 __all__ = ["car"]
 

@@ -7,24 +7,12 @@ it loads the circuit, the model named in its metadata and some images, and calls
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import click
 
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """:func:`netcarve.cli._fail_cleanly`, imported when called (cli imports this module)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .cli import _fail_cleanly as fail_cleanly
-
-        return fail_cleanly(fn)(*args, **kwargs)
-
-    return wrapper
+from .cli_common import emit as _emit
+from .cli_common import fail_cleanly as _fail_cleanly
 
 
 def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
@@ -72,7 +60,6 @@ def diagram(circuit: Path, out: Path, formats: list[str], model_spec: str | None
     CIRCUIT may also be a diagram .json written earlier: it is validated and re-rendered
     without the model.
     """
-    from .cli import _emit
     from .diagram import load_diagram_json, render_diagram
 
     if circuit.suffix.lower() == ".json":

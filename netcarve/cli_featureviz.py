@@ -10,23 +10,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """:func:`netcarve.cli._fail_cleanly`, imported when called (cli imports this module)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .cli import _fail_cleanly as fail_cleanly
-
-        return fail_cleanly(fn)(*args, **kwargs)
-
-    return wrapper
+from .cli_common import fail_cleanly as _fail_cleanly
 
 
 def _write_summary(out: Path, summary: dict, as_json: bool, text: str) -> None:

@@ -275,7 +275,7 @@ def _conv_rows_depthwise(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.
 
 def _parallel(fn: Callable[[list[int]], torch.Tensor], items: list[int],
               device: torch.device) -> torch.Tensor:
-    """``Σ fn(part)`` over contiguous parts of ``items``, one Python thread per part on CPU.
+    """``Σ fn(part)`` over contiguous parts of ``items``, run by Python threads on CPU.
 
     Torch ops release the GIL, so with ``torch.get_num_threads() = k > 1`` the parts run on
     ``k`` threads, each op single-threaded (intra-op threads are set to 1 for the duration and
@@ -287,11 +287,13 @@ def _parallel(fn: Callable[[list[int]], torch.Tensor], items: list[int],
     workers = min(threads, len(items)) if device.type == "cpu" else 1
     if workers <= 1:
         return fn(items)
-    size = math.ceil(len(items) / workers)
+    # a few more parts than threads: a thread that loses its core to another process leaves
+    # the remaining parts to the others
+    size = math.ceil(len(items) / min(len(items), 3 * workers))
     parts = [items[i:i + size] for i in range(0, len(items), size)]
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(fn, parts))
     finally:
         torch.set_num_threads(threads)
@@ -321,46 +323,47 @@ def _conv_gemm(geo: _Conv, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
         images, rows_per = 1, max(1, want // inner)
 
     wrows = list(wc.unbind(0))
+    units = [(n0, h0) for n0 in range(0, n, images) for h0 in range(0, geo.out[0], rows_per)]
 
-    def part(chans: list[int]) -> torch.Tensor:
+    def part(todo: list[int]) -> torch.Tensor:
         out = torch.zeros(cpg, r, dtype=torch.float64, device=x.device)
         acc = torch.zeros(cpg, r, dtype=x.dtype, device=x.device)
         accs = list(acc.unbind(0))
-        for n0 in range(0, n, images):
-            n1 = min(n, n0 + images)
-            xpad = _padded(geo.module, x[n0:n1], geo.pad)
-            for h0 in range(0, geo.out[0], rows_per):
-                h1 = min(geo.out[0], h0 + rows_per)
-                block_shape = (n1 - n0, h1 - h0, *geo.out[1:])
-                positions = math.prod(block_shape)
-                gabs = torch.empty((r, *block_shape), dtype=x.dtype, device=x.device)
-                torch.abs(_take(g[n0:n1, :, h0:h1], 1, rsel).transpose(0, 1), out=gabs)
-                gabs = gabs.view(r, positions)
-                per_block = max(1, WINDOW_ELEMENTS // (taps * positions))
-                for b0 in range(0, len(chans), per_block):
-                    block = chans[b0:b0 + per_block]
-                    csel = _as_slice(torch.tensor(block))
-                    xs = _take(xpad, 1, csel)
-                    win = torch.empty((len(block), taps, *block_shape), dtype=x.dtype,
-                                      device=x.device)
-                    for t, tap in enumerate(geo.offsets):
-                        win[:, t].copy_(geo.window(xs, tap, h0, h1).transpose(0, 1))
-                    win = win.view(len(block), taps, positions)
-                    if matmul is None:  # batched products over sub-blocks of channels
-                        sub = max(1, (4 * BLOCK_ELEMENTS) // (r * positions))
-                        for s0 in range(0, len(block), sub):
-                            idx = torch.tensor(block[s0:s0 + sub], device=x.device)
-                            y = torch.bmm(wc.index_select(0, idx), win[s0:s0 + sub])
-                            acc.index_copy_(0, idx, torch.sum(y.abs_().mul_(gabs), dim=2))
-                        continue
-                    for xt, c in zip(win.unbind(0), block, strict=True):
-                        y = matmul(wrows[c], xt)
-                        torch.sum(y.abs_().mul_(gabs), dim=1, out=accs[c])
-                out += acc
-                acc.zero_()
+        padded: tuple[int, torch.Tensor] | None = None
+        for unit in todo:
+            n0, h0 = units[unit]
+            n1, h1 = min(n, n0 + images), min(geo.out[0], h0 + rows_per)
+            if padded is None or padded[0] != n0:
+                padded = (n0, _padded(geo.module, x[n0:n1], geo.pad))
+            xpad = padded[1]
+            block_shape = (n1 - n0, h1 - h0, *geo.out[1:])
+            positions = math.prod(block_shape)
+            gabs = torch.empty((r, *block_shape), dtype=x.dtype, device=x.device)
+            torch.abs(_take(g[n0:n1, :, h0:h1], 1, rsel).transpose(0, 1), out=gabs)
+            gabs = gabs.view(r, positions)
+            per_block = max(1, WINDOW_ELEMENTS // (taps * positions))
+            for b0 in range(0, len(active), per_block):
+                block = active[b0:b0 + per_block]
+                xs = _take(xpad, 1, _as_slice(torch.tensor(block)))
+                win = torch.empty((len(block), taps, *block_shape), dtype=x.dtype,
+                                  device=x.device)
+                for t, tap in enumerate(geo.offsets):
+                    win[:, t].copy_(geo.window(xs, tap, h0, h1).transpose(0, 1))
+                win = win.view(len(block), taps, positions)
+                if matmul is None:  # batched products over sub-blocks of channels
+                    sub = max(1, (4 * BLOCK_ELEMENTS) // (r * positions))
+                    for s0 in range(0, len(block), sub):
+                        idx = torch.tensor(block[s0:s0 + sub], device=x.device)
+                        y = torch.bmm(wc.index_select(0, idx), win[s0:s0 + sub])
+                        acc.index_copy_(0, idx, torch.sum(y.abs_().mul_(gabs), dim=2))
+                    continue
+                for xt, c in zip(win.unbind(0), block, strict=True):
+                    y = matmul(wrows[c], xt)
+                    torch.sum(y.abs_().mul_(gabs), dim=1, out=accs[c])
+            out += acc
         return out
 
-    return _parallel(part, active, x.device).t()
+    return _parallel(part, list(range(len(units))), x.device).t()
 
 
 def _conv_sums(module: nn.Module, x: torch.Tensor, g: torch.Tensor,

@@ -1111,17 +1111,9 @@ def to_display(images: torch.Tensor, preset: Preset | None = None) -> list[np.nd
         >>> to_display(torch.zeros(1, 1, 2, 2))[0].shape
         (2, 2)
     """
-    x = images.detach().float().cpu()
-    if preset is not None and len(preset.mean) == x.shape[1]:
-        mean = torch.tensor(preset.mean).view(1, -1, 1, 1)
-        std = torch.tensor(preset.std).view(1, -1, 1, 1)
-        x = (x * std + mean).clamp(0, 1)
-    else:
-        flat = x.reshape(len(x), -1)
-        lo = flat.amin(1).view(-1, 1, 1, 1)
-        hi = flat.amax(1).view(-1, 1, 1, 1)
-        x = (x - lo) / (hi - lo).clamp(min=1e-12)
-    arr = x.permute(0, 2, 3, 1).numpy()
+    from .diagram.pictures import display_images
+
+    arr = display_images(images, preset)
     return [a[:, :, 0] if a.shape[2] == 1 else a for a in arr]
 
 

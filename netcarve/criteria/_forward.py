@@ -78,9 +78,19 @@ class _InputModified(Exception):
 def check_layers(ctx: ScoringContext) -> dict[str, nn.Module]:
     """Validate ``ctx.layers`` against the graph and return ``{name: module}``.
 
+    Args:
+        ctx: the scoring context.
+
+    Returns:
+        ``{layer name: module}`` in ``ctx.layers`` order.
+
     Raises:
         GraphError: a name is not a layer of the graph.
         CriterionError: a layer is a transposed convolution (not supported).
+
+    Example:
+        >>> list(check_layers(ctx))  # doctest: +SKIP
+        ['features.0', 'features.3']
     """
     modules: dict[str, nn.Module] = {}
     for name in ctx.layers:
@@ -100,17 +110,37 @@ def kernel_view(weight: torch.Tensor, info: LayerInfo) -> torch.Tensor:
 
     A conv's taps are its ``kh·kw`` (or ``k``, ``kd·kh·kw``) weights; for a Linear fed by a
     flattened ``C×H×W`` map they are the ``H·W`` consecutive columns of input channel ``i``.
+
+    Args:
+        weight: the layer's weight (or anything shaped like it, e.g. its gradient).
+        info: the layer's :class:`~netcarve.graph.LayerInfo`.
+
+    Returns:
+        a view ``[out, in // groups, taps]``.
+
+    Example:
+        >>> kernel_view(torch.zeros(4, 6), type("I", (), {"mask_shape": (4, 3)})()).shape
+        torch.Size([4, 3, 2])
     """
     return weight.reshape(info.mask_shape[0], info.mask_shape[1], -1)
 
 
 def to_result(scores: torch.Tensor) -> torch.Tensor:
-    """Scores as a contiguous float32 CPU tensor (the criteria's return convention)."""
+    """Scores as a contiguous float32 CPU tensor (the criteria's return convention).
+
+    Example:
+        >>> to_result(torch.ones(2, dtype=torch.float64)).dtype
+        torch.float32
+    """
     return scores.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
 def relevant_masks(ctx: ScoringContext) -> dict[str, torch.Tensor]:
-    """``ctx.relevant``, or the graph's relevant kernels of the target when it is None."""
+    """``ctx.relevant``, or the graph's relevant kernels of the target when it is None.
+
+    Example:
+        >>> rel = relevant_masks(ctx)  # doctest: +SKIP
+    """
     if ctx.relevant is not None:
         return ctx.relevant
     return ctx.graph.relevant_kernels(ctx.target.layer, ctx.target.channels)
@@ -121,6 +151,10 @@ def relevant_rows(relevant: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
     Rows outside this set have an exactly zero gradient when ``relevant`` is the graph's
     relevant-kernel set (no path to the target), so gradient criteria may skip them.
+
+    Example:
+        >>> relevant_rows({"c": torch.tensor([[False, False], [True, False]])}, "c")
+        tensor([1])
     """
     mask = relevant.get(name)
     if mask is None:
@@ -130,7 +164,11 @@ def relevant_rows(relevant: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 def objective(ctx: ScoringContext, z_target: torch.Tensor) -> torch.Tensor:
-    """The scalar objective ``L`` of one batch from the target layer's raw output."""
+    """The scalar objective ``L`` of one batch from the target layer's raw output.
+
+    Example:
+        >>> loss = objective(ctx, forward_until(model, ctx.target.layer, x))  # doctest: +SKIP
+    """
     return ctx.target.objective_value(ctx.target.response(z_target))
 
 
@@ -165,6 +203,13 @@ def scoring_session(
         ctx: the scoring context.
         weights_need_grad: layers whose weight must require grad inside the block.
         masks: apply ``ctx.masks``.
+
+    Raises:
+        MaskError: ``ctx.masks`` names unknown layers or has wrong shapes.
+
+    Example:
+        >>> with scoring_session(ctx):  # doctest: +SKIP
+        ...     loss = objective(ctx, forward_until(ctx.model, ctx.target.layer, x))
     """
     with ExitStack() as stack:
         stack.enter_context(preserved_state(ctx.model))

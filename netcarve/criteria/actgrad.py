@@ -71,6 +71,10 @@ BLOCK_ELEMENTS = 1 << 19
 WINDOW_ELEMENTS = 1 << 20
 #: Layers with at most this many relevant rows use one depthwise convolution per row.
 DEPTHWISE_MAX_ROWS = 4
+#: Python threads that share a layer's scoring on CPU; None = ``torch.get_num_threads()``.
+#: 1 scores in the calling thread with single-threaded ops (the steadiest choice on a machine
+#: whose cores are busy with other work).
+THREADS: int | None = None
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _MKLDNN: list[Any] = []  # [op or None], probed once
@@ -284,9 +288,17 @@ def _parallel(fn: Callable[[list[int]], torch.Tensor], items: list[int],
     machine).
     """
     threads = torch.get_num_threads()
-    workers = min(threads, len(items)) if device.type == "cpu" else 1
-    if workers <= 1:
+    if device.type != "cpu":
         return fn(items)
+    workers = min(THREADS or threads, len(items))
+    if workers <= 1:
+        if threads == 1:
+            return fn(items)
+        torch.set_num_threads(1)
+        try:
+            return fn(items)
+        finally:
+            torch.set_num_threads(threads)
     # a few more parts than threads: a thread that loses its core to another process leaves
     # the remaining parts to the others
     size = math.ceil(len(items) / min(len(items), 3 * workers))

@@ -42,6 +42,12 @@ def snip_kernel_scores(
 
     Returns:
         ``{layer: [out, in // groups]}`` (not yet converted to float32 CPU).
+
+    Raises:
+        CriterionError: bad batches. GraphError: unknown layer.
+
+    Example:
+        >>> raw = snip_kernel_scores(ctx)  # doctest: +SKIP
     """
     modules = check_layers(ctx)
     infos = {n: ctx.graph.layers[n] for n in modules}

@@ -13,7 +13,8 @@ Each method runs ``--rounds`` times, each time in a fresh subprocess, methods al
 (plain, actgrad, naive, plain, ...) so that a change in machine load hits all of them alike.
 Reported time is the best round, as wall-clock seconds (``time.perf_counter``) and as CPU
 seconds of the process (``time.process_time``; with one thread this excludes the time the
-process waited for a core on a shared machine). Peak memory is the growth of the process's
+process waited for a core on a shared machine); the wall-clock ratio of each round (plain and
+actgrad run back to back) is printed too. Peak memory is the growth of the process's
 maximum resident set size (``ru_maxrss``) over its value after the model and images were
 built (best round).
 
@@ -166,17 +167,25 @@ def run_one(model: str, method: str, images: int, size: int, threads: int) -> di
 
 
 def best_of(model: str, methods: list[str], images: int, size: int, threads: int,
-            rounds: int) -> dict[str, dict]:
-    """Alternate the methods for ``rounds`` rounds; keep each method's best values."""
+            rounds: int) -> tuple[dict[str, dict], list[float]]:
+    """Alternate the methods for ``rounds`` rounds; keep each method's best values.
+
+    Also returns the paired wall-clock ratio actgrad / plain of every round (both measured
+    back to back, so under similar machine load).
+    """
     best: dict[str, dict] = {}
+    paired: list[float] = []
     for _ in range(rounds):
+        this: dict[str, dict] = {}
         for m in methods:
-            r = run_one(model, m, images, size, threads)
+            r = this[m] = run_one(model, m, images, size, threads)
             if m not in best:
                 best[m] = r
             else:
                 best[m] = {k: min(best[m][k], r[k]) for k in r}
-    return best
+        if "plain" in this and "actgrad" in this:
+            paired.append(this["actgrad"]["seconds"] / this["plain"]["seconds"])
+    return best, paired
 
 
 def main() -> None:
@@ -210,7 +219,7 @@ def main() -> None:
         images, size = DEFAULTS[model]
         images = args.images or images
         size = args.size or size
-        res = best_of(model, methods, images, size, args.threads, args.rounds)
+        res, paired = best_of(model, methods, images, size, args.threads, args.rounds)
         plain = res["plain"]
         act = res.get("actgrad", {"seconds": nan, "cpu": nan, "peak_mb": nan})
         naive = res.get("naive", {"seconds": nan})
@@ -220,6 +229,9 @@ def main() -> None:
               f"{naive['seconds'] / plain['seconds']:>11.2f} {plain['peak_mb']:>8.0f} "
               f"{act['peak_mb']:>7.0f} {act['peak_mb'] / max(plain['peak_mb'], 1e-9):>9.2f}",
               flush=True)
+        if paired:
+            print(f"{'':<11} paired wall ratio per round: "
+                  + ", ".join(f"{r:.2f}" for r in paired), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """CAR speed: the ablation engine vs the naive loop, and exact vs lazy greedy pruning.
 
-Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|all] [--threads 2]
+Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|all] [--threads 1]
+         [--layers features.7,features.11] [--repeats 2]
 
 (1) speed: CAR of every filter of a conv layer of fmnist_vgg (default: features.7, the middle
     one of its five convs) on 2,000 images (the first 2,000 of the train split), batch size
     100 for both: the engine (cached prefix, stacked removals, unchanged items skipped) against
     the naive loop (one full forward pass per removal and chunk, masks applied by hooks).
     Both runs are timed alternately (--repeats, best time kept); the statistics must be
-    identical (torch.equal on every count and loss sum).
+    identical (torch.equal on every count and loss sum). One intra-op thread by default: on a
+    shared machine, two threads made timings swing by up to 10x.
 (2) greedy: exact vs lazy greedy pruning of half of that layer's filters on the first
     --greedy-images train images: time ratio, order agreement (Kendall tau), overlap.
 Prints Markdown and writes bench/out/bench_car.json.
@@ -97,7 +99,7 @@ def main() -> None:
     ap.add_argument("--greedy-images", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = [s for s in args.layers.split(",") if s]

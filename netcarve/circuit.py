@@ -123,9 +123,11 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def data_fingerprint(images: torch.Tensor) -> str:
     """SHA-256 of an image tensor's shape and bytes (first 16 hex)."""
-    t = images.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h = hashlib.sha256(f"{tuple(images.shape)}:{images.dtype}".encode())
+    # Hash in slices so a large data set is never copied whole.
+    for start in range(0, len(images), 1024):
+        t = images[start:start + 1024].detach().cpu().contiguous()
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()[:16]
 
 
@@ -165,7 +167,15 @@ def target_responses(
         model.eval()
         with stop_at(model, target.layer) as run:
             for xb in _batches(images, batch_size, device):
-                yield target.response(run(xb)).cpu()
+                yield _compact(target.response(run(xb)).cpu())
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    # A channel slice is a view that keeps the whole layer output alive; callers often keep
+    # every batch's response, so copy out what is needed.
+    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.clone()
+    return t
 
 
 @contextmanager
@@ -367,7 +377,7 @@ def _filter_candidates(
 def score_kernels(
     model: nn.Module,
     graph: ModelGraph,
-    target: Target,
+    target: Target | str,
     images: torch.Tensor,
     *,
     criterion: str = "actgrad",
@@ -381,7 +391,8 @@ def score_kernels(
     """Score the relevant kernels (or filters) of a target with a saliency criterion.
 
     Args:
-        model, graph, target: the model, its graph, a resolved target.
+        model, graph: the model and its graph.
+        target: a :class:`Target` or a target string such as ``"features.11:5"``.
         images: normalised scoring images ``[N, C, H, W]`` (streamed in batches).
         criterion: ``actgrad``, ``snip``, ``force``, ``magnitude`` or ``random``.
         granularity: ``"kernel"`` (``[out, in/groups]`` scores) or ``"filter"`` (``[out]``).
@@ -396,6 +407,7 @@ def score_kernels(
     """
     if granularity not in GRANULARITIES:
         raise CircuitError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    target = _as_target(target, graph)
     relevant = relevant if relevant is not None else graph.relevant_kernels(
         target.layer, target.channels
     )

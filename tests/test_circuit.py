@@ -161,3 +161,31 @@ def test_unknown_layer_and_channel_errors_name_the_fix():
         extract(net, "feature.4:0", x)
     with pytest.raises(GraphError, match=r"0\.\.5"):
         extract(net, "features.4:9", x)
+
+
+def test_streamed_responses_do_not_keep_whole_layer_outputs_alive():
+    # Memory must not grow with the number of images: each yielded response owns only its
+    # target channel, not the full [N, channels, H, W] layer output it was sliced from.
+    from netcarve.circuit import target_responses
+    from netcarve.targets import Target
+
+    net, _ = make("plain", double=False)
+    x = net.example_input(12)
+    graph = ModelGraph.build(net, x[:1])
+    target = Target.parse("features.4:1").resolve(graph)
+    chunks = list(target_responses(net, graph, target, x, batch_size=5))
+    assert [len(c) for c in chunks] == [5, 5, 2]
+    for c in chunks:
+        assert c.untyped_storage().nbytes() == c.numel() * c.element_size()
+    full = forward_until(net, "features.4", x)[:, 1]
+    torch.testing.assert_close(torch.cat(chunks), full.detach(), rtol=0, atol=0)
+
+
+def test_score_kernels_accepts_a_target_string():
+    from netcarve.circuit import score_kernels
+
+    net, _ = make("plain", double=False)
+    x = net.example_input(6)
+    graph = ModelGraph.build(net, x[:1])
+    scores = score_kernels(net, graph, "features.4:0", x, criterion="magnitude")
+    assert set(scores) == set(graph.relevant_kernels("features.4", [0]))

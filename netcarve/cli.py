@@ -290,12 +290,14 @@ def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: fl
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
               show_default=True)
+@click.option("--quick", is_flag=True,
+              help="A small version of every step (seconds, for checking the set-up).")
 @fail_cleanly
-def demo(out: Path) -> None:
+def demo(out: Path, quick: bool) -> None:
     """Run the main job on the embedded default and print the report's path."""
     from .demo import run_demo
 
-    path = run_demo(out, progress=True, log=lambda m: click.echo(m, err=True))
+    path = run_demo(out, progress=True, log=lambda m: click.echo(m, err=True), quick=quick)
     click.echo(str(path))
 
 

@@ -1,9 +1,10 @@
 """The main job on the embedded default (what ``make demo`` runs).
 
 Evaluates every bundled model on its real test data; extracts the circuit of one
-``fmnist_vgg`` unit, cuts it out as a smaller module and draws its diagram; splits that unit
-into sub-feature circuits; sweeps the criteria over a few units; and writes
-``index.html`` linking every figure, table and diagram.
+``fmnist_vgg`` unit, cuts it out as a smaller module and draws its diagram with a feature
+visualisation on every node; splits that unit into sub-feature circuits; sweeps the criteria
+over a few units; scores one layer's filters with class-wise CAR; and writes ``index.html``
+linking every figure, table and diagram.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 
 import torch
 
+from .car import car_scores
 from .circuit import extract
-from .evaluation import analysis_data
+from .evaluation import analysis_data, reference_data
 from .graph import ModelGraph
 from .hooks import forward_until
 from .report import zoo_report
@@ -31,6 +33,9 @@ DEMO_TARGET = "features.11:5"
 SWEEP_UNITS = ("features.4:3", "features.7:10", "features.11:40", "features.14:7")
 SWEEP_IMAGES = 200
 SUBCIRCUIT_IMAGES = 200
+CAR_LAYER = "features.7"
+CAR_IMAGES = 1000
+FEATUREVIZ_STEPS = 64
 
 
 class _Page:
@@ -84,13 +89,15 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
-             log: Callable[[str], None] = print) -> Path:
+             log: Callable[[str], None] = print, quick: bool = False) -> Path:
     """Run the demo and return the path of its ``index.html``.
 
     Args:
         out_dir: output folder (created).
         progress: show progress bars.
         log: where to report each step (``print`` by default).
+        quick: a small version of every step (fewer images, steps and units; the zoo is
+            evaluated on 1,000 test images each) that checks the whole pipeline in seconds.
 
     Returns:
         Path of ``index.html``.
@@ -104,10 +111,26 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     page = _Page("netcarve demo: the embedded default")
     page.p("Every number on this page was measured by this run "
-           f"(netcarve demo, seed 0, torch {torch.__version__}).")
+           f"(netcarve demo{' --quick' if quick else ''}, seed 0, torch {torch.__version__}).")
+    steps: list[tuple[str, float]] = []
 
-    log("[1/5] evaluating the bundled models on their full test sets")
-    _, zoo_results = zoo_report(out / "zoo", progress=progress)
+    def step(message: str) -> None:
+        now = time.perf_counter()
+        if steps:
+            steps[-1] = (steps[-1][0], now - steps[-1][1])
+        steps.append((message, now))
+        log(message)
+
+    n_analysis = 200 if quick else 1000
+    sweep_images = 60 if quick else SWEEP_IMAGES
+    sweep_units = list(SWEEP_UNITS[1:3] if quick else SWEEP_UNITS)
+    sub_images = 80 if quick else SUBCIRCUIT_IMAGES
+    car_images = 300 if quick else CAR_IMAGES
+    viz_steps = 8 if quick else FEATUREVIZ_STEPS
+
+    step("[1/6] evaluating the bundled models on their "
+        + ("first 1,000 test images" if quick else "full test sets"))
+    _, zoo_results = zoo_report(out / "zoo", progress=progress, limit=1000 if quick else None)
     page.h2("Model zoo")
     page.table(["model", "data set", "test images", "measured top-1", "recorded at training"],
                [[r.name, r.dataset, f"{r.test_images:,}", f"{r.measured_accuracy:.2%}",
@@ -116,9 +139,9 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     page.links([(f"{r.name} sample predictions", f"zoo/{r.figure}") for r in zoo_results]
                + [("zoo report (Markdown)", "zoo/zoo.md")])
 
-    log(f"[2/5] extracting the circuit of {DEMO_MODEL} {DEMO_TARGET}")
+    step(f"[2/6] extracting the circuit of {DEMO_MODEL} {DEMO_TARGET}")
     lm = load_model(DEMO_MODEL)
-    scoring, heldout = analysis_data(lm.preset, 1000, 1000, seed=0)
+    scoring, heldout = analysis_data(lm.preset, n_analysis, n_analysis, seed=0)
     graph = ModelGraph.build(lm.model, scoring[:1])
     circuit = extract(lm.model, DEMO_TARGET, scoring, heldout=heldout, criterion="actgrad",
                       keep=0.1, seed=0, graph=graph)
@@ -136,11 +159,20 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
                "module": {**size, "max_abs_difference_vs_masked_model": diff}}
     (cdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
-    log("[3/5] drawing the circuit diagram")
+    step("[3/6] drawing the circuit diagram with a feature visualisation on every node")
     from .diagram import write_diagram
+    from .diagram.pictures import compose, default_pictures, kernel_pictures
+    from .featureviz import featureviz_pictures
 
+    # First-layer nodes keep their kernel as picture; every other node shows what it computes
+    # inside the circuit (activation maximisation with the circuit's masks applied).
+    pictures = compose(kernel_pictures,
+                       featureviz_pictures(steps=viz_steps, seed=0, circuit=circuit),
+                       default_pictures())
+    viz_start = time.perf_counter()
     files = write_diagram(circuit, lm.model, cdir, images=scoring[:300], preset=lm.preset,
-                          graph=graph, model_name=DEMO_MODEL)
+                          graph=graph, model_name=DEMO_MODEL, pictures=pictures)
+    viz_seconds = time.perf_counter() - viz_start
     pres = circuit.preservation
     page.h2(f"Circuit of {DEMO_MODEL} unit {circuit.target}")
     page.bullets([
@@ -151,7 +183,8 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
         f"median per-image r = {pres.per_image_median:.3f}, normalised MAD = {pres.nmad:.3f}",
         f"preservation on the 1,000 scoring images: r = "
         f"{circuit.preservation_scoring.pearson:.3f}",
-        f"extraction took {circuit.metadata['seconds']:.1f} s",
+        f"extraction took {circuit.metadata['seconds']:.1f} s; the diagram with its node "
+        f"visualisations ({viz_steps} optimisation steps per node) {viz_seconds:.1f} s",
         f"standalone module: {size['parameters']:,} parameters and {size['macs']:,} "
         f"multiply-adds, against {size['original_parameters']:,} and "
         f"{size['original_macs']:,} for the whole model; largest difference from the "
@@ -162,13 +195,16 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
                 ("diagram JSON", f"circuit/{files['json'].name}"),
                 ("circuit file", "circuit/circuit.safetensors"),
                 ("summary.json", "circuit/summary.json")])
+    page.p("Hover on a node in the interactive diagram for its feature visualisation and its "
+           "top data-set examples (exact receptive fields); first-layer nodes show their "
+           "kernels.")
     page.image(f"circuit/{files['png'].name}", "circuit diagram")
     page.table(["layer", "relevant kernels", "kept"],
                [[r["layer"], f"{r['relevant']:,}", f"{r['kept']:,}"]
                 for r in circuit.per_layer()])
 
-    log("[4/5] sub-feature circuits")
-    rep = subcircuits(lm.model, circuit.target, scoring[:SUBCIRCUIT_IMAGES], n_groups=2,
+    step("[4/6] sub-feature circuits")
+    rep = subcircuits(lm.model, circuit.target, scoring[:sub_images], n_groups=2,
                       general=circuit, criterion="actgrad", keep=0.1, sub_keep=0.5, seed=0,
                       graph=graph)
     sdir = out / "subcircuits"
@@ -193,14 +229,13 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
         f" (mean {sum(ious) / len(ious):.2f}).")
     page.links([("summary.json", "subcircuits/summary.json")])
 
-    log("[5/5] sweeping the criteria over a few units")
-    res = sweep(lm.model, list(SWEEP_UNITS), scoring[:SWEEP_IMAGES], heldout[:SWEEP_IMAGES],
-                graph=graph,
-                progress=progress)
+    step("[5/6] sweeping the criteria over a few units")
+    res = sweep(lm.model, sweep_units, scoring[:sweep_images], heldout[:sweep_images],
+                graph=graph, progress=progress)
     wdir = out / "sweep"
     res.write_csv(wdir / "sweep.csv")
     res.plot(wdir / "sweep.png", title=f"{DEMO_MODEL}: preservation vs keep "
-                                       f"({len(SWEEP_UNITS)} units)")
+                                       f"({len(sweep_units)} units)")
     page.h2("Criteria sweep")
     med = res.table("median")
     crits = list(med)
@@ -211,7 +246,48 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     page.image("sweep/sweep.png", "preservation vs keep", width=700)
     page.links([("sweep.csv", "sweep/sweep.csv")])
 
+    step(f"[6/6] class-wise CAR of {DEMO_MODEL} {CAR_LAYER}")
+    _car_section(page, lm, graph, out / "car", car_images)
+
+    step("done")
+    page.h2("Time per step")
+    page.table(["step", "seconds"], [[m, f"{t:.1f}"] for m, t in steps[:-1]])
     page.p(f"Total time {time.perf_counter() - start:.0f} s.")
     index = out / "index.html"
     page.write(index)
     return index
+
+
+def _car_section(page: _Page, lm: Any, graph: ModelGraph, out: Path, n_images: int) -> None:
+    # Scored on training images so the test set stays untouched for accuracy claims.
+    images, labels = reference_data(lm.preset, "train", limit=n_images)
+    report = car_scores(lm.model, images, labels, [CAR_LAYER], preset=lm.preset, graph=graph,
+                        model_name=DEMO_MODEL)
+    layer = report.layers[CAR_LAYER]
+    classwise = report.classwise(CAR_LAYER)
+    out.mkdir(parents=True, exist_ok=True)
+    report.save(out / "car_scores.csv")
+    classwise.save(out / "classwise.csv")
+    (out / "summary.json").write_text(json.dumps(
+        {"model": DEMO_MODEL, "images": n_images, "car": report.to_dict(),
+         "classwise": classwise.to_dict()}, indent=2, default=str))
+    most, least = classwise.most_important(), classwise.least_important()
+    ranked = sorted(range(len(layer.filters)), key=lambda i: (
+        -float(layer.car[i]), -float(layer.loss_car[i]), layer.filters[i]))
+    counts = report.counts
+    page.h2(f"Class-wise CAR of {DEMO_MODEL} {CAR_LAYER}")
+    page.p(f"Each of the layer's {len(layer.filters)} filters removed on its own, top-1 accuracy "
+           f"on {n_images:,} training images (unpruned {layer.base_accuracy:.2%}); the ablation "
+           f"engine ran {counts.prefix_passes + counts.suffix_passes:,} partial passes where a "
+           f"naive loop needs {counts.naive_passes:,} full ones ({report.seconds:.1f} s).")
+    page.table(["filter", "CAR (accuracy drop)", "loss increase", "most important class",
+                "least important class"],
+               [[f"{CAR_LAYER}:{layer.filters[i]}", f"{float(layer.car[i]):.4f}",
+                 f"{float(layer.loss_car[i]):.4f}", most[layer.filters[i]][0],
+                 least[layer.filters[i]][0]] for i in ranked[:10]])
+    page.p("The ten filters whose removal costs most accuracy. The heat map shows every "
+           "filter's accuracy drop per class (red: the class loses accuracy without it).")
+    page.image("car/classwise.png", "class-wise CAR heat map", width=700)
+    page.links([("CAR scores (CSV)", "car/car_scores.csv"),
+                ("class-wise CAR (CSV)", "car/classwise.csv"),
+                ("summary.json", "car/summary.json")])

@@ -72,12 +72,15 @@ def accuracy_table(reports: list[ModelReport]) -> str:
     return "\n".join(lines)
 
 
-def zoo_report(out_dir: str | Path, *, progress: bool = False) -> tuple[Path, list[ModelReport]]:
+def zoo_report(
+    out_dir: str | Path, *, progress: bool = False, limit: int | None = None
+) -> tuple[Path, list[ModelReport]]:
     """Evaluate every bundled model on its full real test set and write a report.
 
     Args:
         out_dir: folder to write ``zoo.md``, ``zoo.json`` and one PNG per model into.
         progress: show progress bars.
+        limit: evaluate only the first ``limit`` test images (None: the full test set).
 
     Returns:
         The path of the Markdown report and the per-model results.
@@ -93,7 +96,7 @@ def zoo_report(out_dir: str | Path, *, progress: bool = False) -> tuple[Path, li
         if not entry.bundled:
             continue
         lm = load_model(entry.name)
-        x, y = reference_data(lm.preset, "test")
+        x, y = reference_data(lm.preset, "test", limit=limit)
         result = evaluate(lm.model, x, y, lm.preset, progress=progress)
         fig_name = f"{entry.name}_samples.png"
         _sample_figure(entry.name, x, y, result.predictions, lm.preset.class_names,

@@ -1,0 +1,41 @@
+"""The demo page (quick mode): every section, figure and link is produced and resolves."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from netcarve.demo import run_demo
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_every_section_and_linked_file(tmp_path: Path):
+    messages: list[str] = []
+    index = run_demo(tmp_path / "demo", progress=False, log=messages.append, quick=True)
+    assert index == tmp_path / "demo" / "index.html"
+    assert [m[:5] for m in messages[:6]] == [f"[{i}/6]" for i in range(1, 7)]
+    page = index.read_text()
+    for heading in ("Model zoo", "Circuit of fmnist_vgg unit features.11:5",
+                    "Sub-feature circuits", "Criteria sweep",
+                    "Class-wise CAR of fmnist_vgg features.7", "Time per step"):
+        assert f"<h2>{heading}" in page, heading
+    targets = re.findall(r'(?:href|src)="([^"#]+)"', page)
+    assert len(targets) >= 15
+    for target in targets:
+        assert (index.parent / target).is_file(), target
+
+    # the diagram's nodes carry feature visualisations; first-layer nodes their kernels
+    diagram = json.loads((index.parent / "circuit" / "diagram.json").read_text())
+    kinds: dict[str, set[str]] = {}
+    for node in diagram["nodes"]:
+        kinds.setdefault(node["layer"], set()).add(node["picture_kind"])
+    assert "feature-visualisation" in kinds["features.7"]
+    assert kinds["features.0"] == {"kernel"}
+
+    car = json.loads((index.parent / "car" / "summary.json").read_text())
+    rows = car["classwise"]["filters"]
+    assert len(rows) == 64 and len(car["classwise"]["classes"]) == 10
+    assert all(len(r["class_car"]) == 10 for r in rows)

@@ -63,6 +63,7 @@ from torch.nn.modules import dropout as _drop
 from torch.nn.modules import padding as _pad
 from torch.nn.modules import pooling as _pool
 
+from netcarve.costs import count_macs, count_parameters
 from netcarve.errors import ModelSpecError, NetcarveError
 from netcarve.graph import ModelGraph
 from netcarve.hooks import apply_filter_masks, preserved_state
@@ -258,57 +259,6 @@ def _graph(model: nn.Module, graph: ModelGraph | None,
 
 
 # --------------------------------------------------------------------------- sizes
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameter elements (shared parameters counted once).
-
-    Example:
-        >>> count_parameters(nn.Linear(3, 2))
-        8
-    """
-    seen: set[int] = set()
-    total = 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def count_macs(module: nn.Module, graph: ModelGraph) -> int:
-    """Multiply-accumulates of one image through the conv and linear layers.
-
-    A conv costs ``output elements × in_channels / groups × kernel size``; a Linear
-    ``in_features × out_features``. BatchNorm, activations and pooling are not counted.
-
-    Args:
-        module: the model.
-        graph: its graph (gives each layer's output shape for the graph's input size).
-
-    Returns:
-        the count for one image of the graph's input shape.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3))
-        >>> count_macs(net, ModelGraph.build(net, torch.zeros(1, 1, 5, 5)))
-        162
-    """
-    mods = dict(module.named_modules())
-    total = 0
-    for name, info in graph.layers.items():
-        mod = mods[name]
-        if isinstance(mod, _conv._ConvNd):
-            kernel = 1
-            for k in mod.kernel_size:
-                kernel *= int(k)
-            out = 1
-            for s in info.output_shape:
-                out *= int(s)
-            total += out * (mod.in_channels // mod.groups) * kernel
-        elif isinstance(mod, nn.Linear):
-            total += mod.in_features * mod.out_features
-    return total
 
 
 # --------------------------------------------------------------------------- the result

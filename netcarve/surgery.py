@@ -60,7 +60,7 @@ import inspect
 import math
 import operator
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,7 @@ from torch.nn.modules import instancenorm as _inorm
 from torch.nn.modules import padding as _pad
 from torch.nn.modules import pooling as _pool
 
+from netcarve.costs import count_macs, count_parameters
 from netcarve.errors import NetcarveError
 from netcarve.graph import GraphError, MaskError, ModelGraph, close_names
 
@@ -232,63 +233,6 @@ def _reshape_channels(x: torch.Tensor, spatial_in: int, tail: tuple[int, ...]) -
 
 
 # --------------------------------------------------------------------------- counting
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameter elements of ``module`` (buffers such as BN statistics excluded).
-
-    Args:
-        module: any module.
-
-    Returns:
-        ``sum(p.numel() for p in module.parameters())``.
-
-    Example:
-        >>> count_parameters(nn.Conv2d(3, 4, 3))
-        112
-    """
-    return sum(p.numel() for p in module.parameters())
-
-
-def _layer_macs(model_modules: dict[str, nn.Module], graph: ModelGraph, name: str) -> int:
-    info = graph.layers[name]
-    if info.kind == "linear":
-        return info.in_channels * info.spatial * info.out_channels
-    weight = getattr(model_modules.get(name), "weight", None)
-    kernel = math.prod(weight.shape[2:]) if isinstance(weight, torch.Tensor) else 1
-    out_positions = math.prod(info.output_shape[1:])
-    return info.out_channels * (info.in_channels // info.groups) * kernel * out_positions
-
-
-def count_macs(model: nn.Module, graph: ModelGraph, layers: Iterable[str] | None = None) -> int:
-    """Multiply-adds of one forward pass of one image, from the graph's shapes.
-
-    A conv costs ``out · (in/groups) · kh · kw · H_out · W_out``, a Linear ``in · out``;
-    everything else (BatchNorm, activations, pooling, additions) is not counted.
-
-    Args:
-        model: the model the graph was built from (for the kernel sizes).
-        graph: its :class:`~netcarve.graph.ModelGraph`; its example input fixes the shapes.
-        layers: count only these layers (default: all layers of the graph).
-
-    Returns:
-        the number of multiply-adds.
-
-    Raises:
-        SurgeryError: a name in ``layers`` is not a layer of the graph.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 2 * 2, 3))
-        >>> g = ModelGraph.build(net, torch.zeros(1, 1, 4, 4))
-        >>> count_macs(net, g)  # 2·1·9·4 + 8·3
-        96
-    """
-    modules = dict(model.named_modules())
-    names = list(graph.layers) if layers is None else list(layers)
-    for name in names:
-        if name not in graph.layers:
-            raise SurgeryError(_unknown_layer(name, graph))
-    return sum(_layer_macs(modules, graph, name) for name in names)
 
 
 def _module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:

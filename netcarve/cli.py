@@ -307,8 +307,9 @@ def _register_commands() -> None:
     from .cli_car import car as car_command
     from .cli_diagram import diagram as diagram_command
     from .cli_featureviz import COMMANDS as featureviz_commands
+    from .cli_reproduce import COMMANDS as reproduce_commands
 
-    for command in (car_command, diagram_command, *featureviz_commands):
+    for command in (car_command, diagram_command, *featureviz_commands, *reproduce_commands):
         cli.add_command(command)
 
 

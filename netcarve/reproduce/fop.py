@@ -346,7 +346,7 @@ def _write_report(rep: Report, settings: FopSettings, results: list[dict[str, An
                          f"{h['params_removed']:.1%}", f"{h['accuracy_unpruned']:.2%}",
                          f"{h[method]['before_finetuning']:.2%}",
                          f"{h[method]['best_after']:.2%}",
-                         f"{100 * h[method]['drop_best']:+.2f} points"])
+                         f"{100 * h[method]['drop_best']:.2f} points"])
     rows.append(["paper", "functional", f"{PAPER_FOP['flops_removed']:.2%}", "—", "—", "—",
                  "—", f"< {100 * PAPER_FOP['accuracy_drop']:.2f} points"])
     rep.table(["threshold", "method", "MACs removed", "parameters removed", "unpruned",

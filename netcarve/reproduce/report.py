@@ -33,7 +33,12 @@ __all__ = [
     "canonical_command",
     "environment",
     "fmt",
+    "prepare_out",
+    "pyplot",
+    "quiet",
     "run_context",
+    "save_figure",
+    "stderr_logger",
     "write_csv",
 ]
 

@@ -108,8 +108,8 @@ class CarSettings:
     @classmethod
     def quick(cls) -> CarSettings:
         """Smoke-test settings: lazy greedy CAR on few images, short fine-tuning."""
-        return cls(points=3, scoring_images=64, eval_images=500, greedy_mode="lazy",
-                   finetune_images=256, colour_scoring_images=64, colour_images=100)
+        return cls(points=3, scoring_images=48, eval_images=300, greedy_mode="lazy",
+                   finetune_images=128, colour_scoring_images=48, colour_images=64)
 
     def check(self) -> None:
         """Raise :class:`ReproduceError` for settings that cannot run."""

@@ -66,7 +66,8 @@ class FopSettings:
         finetune_images: train images per fine-tuning epoch.
         settings: ``(learning rate, epochs)`` fine-tuning settings for the first threshold.
         other_settings: the settings for the other thresholds (fewer, to save time).
-        defection_probe: probe images for the defection descriptors.
+        defection_probe: probe images for the defection descriptors (at most
+            ``probe_images``).
     """
 
     model: str = "fmnist_vgg"
@@ -105,8 +106,6 @@ class FopSettings:
         if min(self.probe_images, self.eval_images, self.finetune_images,
                self.defection_probe) < 2:
             raise ReproduceError("image counts must be at least 2")
-        if self.defection_probe > self.probe_images:
-            raise ReproduceError("defection_probe must not exceed probe_images")
 
 
 def fop_vs_magnitude(settings: FopSettings, threshold: float, *, seed: int = 0,
@@ -159,7 +158,8 @@ def fop_vs_magnitude(settings: FopSettings, threshold: float, *, seed: int = 0,
     cmp = compare_pruning(lm.model, masks, preset=lm.preset, eval_images=test_x,
                           eval_labels=test_y, finetune_epochs=0, seed=seed)
     t0 = time.perf_counter()
-    report = defection(lm.model, masks, probe_x[:settings.defection_probe], preset=lm.preset,
+    n_def = min(settings.defection_probe, settings.probe_images)
+    report = defection(lm.model, masks, probe_x[:n_def], preset=lm.preset,
                        settings=grid, train_images=train_x, train_labels=train_y,
                        max_train_images=settings.finetune_images, eval_images=test_x,
                        eval_labels=test_y, seed=seed)
@@ -332,7 +332,8 @@ def _write_report(rep: Report, settings: FopSettings, results: list[dict[str, An
         f"Accuracy on the first {settings.eval_images:,} test images. Fine-tuning: "
         f"{settings.finetune_images:,} train images per epoch, SGD + Nesterov, cosine "
         "schedule, flips and shifts, same seed and data for both methods.",
-        f"Defection: descriptors of every surviving filter on {settings.defection_probe} "
+        "Defection: descriptors of every surviving filter on "
+        f"{min(settings.defection_probe, settings.probe_images)} "
         "probe images, before vs after fine-tuning (cosine; raw and z-scored over the "
         "layer's survivors) and after fine-tuning vs the unpruned network.",
         f"Paper: up to {PAPER_FOP['flops_removed']:.2%} of the FLOPs removed for under "

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_common import emit, fail_cleanly
+from .cli_common import emit, fail_cleanly, run_options, source_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,27 +109,14 @@ def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: P
 
 def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by every command that loads a model and images."""
-    options = [
-        click.option("--weights", type=click.Path(path_type=Path), default=None,
-                     help="Weight file (safetensors or a torch.save'd state dict)."),
-        click.option("--preset", default=None,
-                     help="Input preset (a zoo name) for a package.module:factory model."),
-        click.option("--images-dir", type=click.Path(path_type=Path), default=None,
-                     help="Your own images (one sub-folder per class) instead of built-in data."),
-        click.option("--images", "n_images", type=click.IntRange(min=2), default=500,
-                     show_default=True, help="Scoring images."),
-        click.option("--heldout", "n_heldout", type=click.IntRange(min=2), default=None,
-                     help="Held-out images for preservation [default: same as --images]."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--device", default="cpu", show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-                     help="Output folder."),
-        click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    fn = run_options(fn)
+    fn = click.option("--batch-size", type=click.IntRange(min=1), default=64,
+                      show_default=True)(fn)
+    fn = click.option("--heldout", "n_heldout", type=click.IntRange(min=2), default=None,
+                      help="Held-out images for preservation [default: same as --images].")(fn)
+    fn = click.option("--images", "n_images", type=click.IntRange(min=2), default=500,
+                      show_default=True, help="Scoring images.")(fn)
+    return source_options(fn)
 
 
 def _load_for_analysis(model: str, weights: Path | None, preset: str | None,

@@ -19,6 +19,7 @@ import torch
 
 from netcarve.cli_common import emit as _emit
 from netcarve.cli_common import fail_cleanly as _fail_cleanly
+from netcarve.cli_common import run_options, source_options
 
 __all__ = ["car"]
 
@@ -94,12 +95,7 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
 @click.option("--curves/--no-curves", default=True, show_default=True,
               help="Accuracy vs filters pruned for CAR and the baselines (CSV + PNG).")
 @click.option("--curve-points", type=click.IntRange(min=2), default=5, show_default=True)
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Weight file (safetensors or a torch.save'd state dict).")
-@click.option("--preset", default=None,
-              help="Input preset (a zoo name) for a package.module:factory model.")
-@click.option("--images-dir", type=click.Path(path_type=Path), default=None,
-              help="Your own images (one sub-folder per class) instead of built-in data.")
+@source_options
 @click.option("--images", "n_images", type=click.IntRange(min=0), default=500,
               show_default=True,
               help="Scoring images (first N of the train split). Exact greedy pruning costs "
@@ -107,11 +103,7 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
 @click.option("--eval-images", "n_eval", type=click.IntRange(min=0), default=2000,
               show_default=True, help="Evaluation images (first N of the test split).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout.")
+@run_options
 @_fail_cleanly
 def car(model: str, layers: str | None, prune_amount: str | None, floor: float | None,
         scope: str, metric: str, classwise: bool, lazy: bool, window: int | None,

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from .cli_common import fail_cleanly as _fail_cleanly
+from .cli_common import run_options, source_options
 
 
 def _write_summary(out: Path, summary: dict, as_json: bool, text: str) -> None:
@@ -58,22 +59,7 @@ def _floats(value: str, name: str) -> list[float]:
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--weights", type=click.Path(path_type=Path), default=None,
-                     help="Weight file (safetensors or a torch.save'd state dict)."),
-        click.option("--preset", default=None,
-                     help="Input preset (a zoo name) for a package.module:factory model."),
-        click.option("--images-dir", type=click.Path(path_type=Path), default=None,
-                     help="Your own images (one sub-folder per class) instead of built-in data."),
-        click.option("--device", default="cpu", show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-                     help="Output folder."),
-        click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return source_options(run_options(fn))
 
 
 def _labelled(preset: Any, images_dir: Path | None, seed: int, n_probe: int,

@@ -374,8 +374,8 @@ def _write_report(rep: Report, settings: CircuitsSettings, plans: dict[str, list
     rep.bullets(findings)
     for m in settings.models:
         rep.h2(f"{m}")
-        rep.p(f"{len(plans[m])} units; sweep took {seconds.get(m, 0.0):.0f} s of worker time. "
-              f"All rows: `{m}_sweep.csv`.")
+        rep.p(f"{len(plans[m])} units; {seconds.get(m, 0.0):.0f} s of scoring and measuring "
+              f"(summed over workers). All rows: `{m}_sweep.csv`.")
         rep.h3("Held-out preservation: median [first quartile, third quartile]")
         rep.table(["keep", *crits], [
             [f"{k:g}", *[f"{look[(m, c, k)]['median']:.3f} [{look[(m, c, k)]['q1']:.2f}, "

@@ -199,6 +199,8 @@ class Report:
     threads: int | None = None
     body: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    started_cpu: float = field(default_factory=lambda: _cpu_seconds())
+    started_load: float = field(default_factory=lambda: _load())
 
     def _blank(self) -> None:
         if self.body and self.body[-1] != "":
@@ -257,7 +259,10 @@ class Report:
             f"- Date: {env['date']}",
         ]
         if seconds is not None:
-            lines.append(f"- Wall time: {seconds:.0f} s")
+            cpu = _cpu_seconds() - self.started_cpu
+            lines.append(f"- Wall time: {seconds:.0f} s (CPU time {cpu:.0f} s, worker processes "
+                         f"included; load average {self.started_load:.1f} at the start, "
+                         f"{_load():.1f} at the end, on {env['cpus']} CPUs)")
         return [*lines, ""]
 
     def render(self, seconds: float | None = None) -> str:
@@ -277,9 +282,25 @@ class Report:
         path.write_text(self.render(seconds))
         record = {"experiment": self.experiment, "command": self.command, "seed": self.seed,
                   "quick": self.quick, "seconds": seconds,
+                  "cpu_seconds": _cpu_seconds() - self.started_cpu,
+                  "load_average": [self.started_load, _load()],
                   "environment": environment(self.threads), **(summary or {})}
         (out / "summary.json").write_text(json.dumps(record, indent=2, default=_json_default))
         return path
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used by this process and its finished children (worker processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _load() -> float:
+    """The one-minute load average (NaN where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        return math.nan
 
 
 def _json_default(value: Any) -> Any:

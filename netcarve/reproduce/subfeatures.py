@@ -70,8 +70,8 @@ class SubfeatureSettings:
     """
 
     model: str = "fmnist_vgg"
-    layers: tuple[str, ...] = ("features.11", "features.14")
-    units_per_layer: int = 6
+    layers: tuple[str, ...] = ("features.7", "features.11", "features.14")
+    units_per_layer: int = 8
     pool_images: int = 2000
     top_images: int = 200
     heldout_pool: int = 1000
@@ -498,9 +498,13 @@ def _write_report(rep: Report, settings: SubfeatureSettings, ranked: list[Candid
         "groups of the same sizes.",
     ])
     rep.h2("Scan: how well each candidate's images separate")
-    rep.table(["unit", "silhouette", "group sizes", "class separation", "group 0 classes",
-               "group 1 classes", "general circuit r (held-out)"],
-              [[r["unit"], r["silhouette"], "/".join(str(s) for s in r["group_sizes"]),
+    share = settings.min_group_share
+    rep.p(f"Ranked by the choice rule: eligible units (smaller group ≥ {share:.0%}) by "
+          "silhouette, then the others.")
+    rep.table(["unit", "eligible", "silhouette", "group sizes", "class separation",
+               "group 0 classes", "group 1 classes", "general circuit r (held-out)"],
+              [[r["unit"], "yes" if r["min_group_share"] >= share else "no",
+                r["silhouette"], "/".join(str(s) for s in r["group_sizes"]),
                 r["class_separation"], r["group0_classes"], r["group1_classes"],
                 r["general_heldout_r"]] for r in (c.row() for c in ranked)])
     gen = chosen.general
@@ -541,6 +545,19 @@ def _write_report(rep: Report, settings: SubfeatureSettings, ranked: list[Candid
             if cand is chosen:
                 headline[split] = {"own_r": own_r, "other_r": other_r, "own_nmad": own_n,
                                    "other_nmad": other_n, "mean_iou": iou}
+    wins = {}
+    for split in ("k-means", "random"):
+        own = [r for r in sub_rows if r["split"] == split and r["own_group"]]
+        wins[split] = sum(
+            r["pearson"] > next(o["pearson"] for o in sub_rows if o["unit"] == r["unit"]
+                                and o["split"] == split and o["subcircuit"] == r["subcircuit"]
+                                and not o["own_group"])
+            for r in own)
+        headline[f"own_beats_other_{split}"] = [wins[split], len(own)]
+    n_sub = headline["own_beats_other_k-means"][1]
+    rep.p(f"Over the {len(detail)} detailed unit(s): own-group r exceeds other-group r for "
+          f"{wins['k-means']} of {n_sub} sub-circuits with k-means groups, and for "
+          f"{wins['random']} of {headline['own_beats_other_random'][1]} with random groups.")
     rep.h3(f"Per-layer IoU of the two sub-circuits of {chosen.target}")
     layers = list(dict.fromkeys(r["layer"] for r in iou_rows if r["unit"] == chosen.target))
     look = {(r["split"], r["layer"]): r for r in iou_rows if r["unit"] == chosen.target}

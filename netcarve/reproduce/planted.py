@@ -74,6 +74,9 @@ def run_planted_report(
           "`netcarve.planted.run_planted`; its own report follows.")
     if md.exists():
         rep.body += [*_demote(md.read_text()), ""]
+    plot = Path(files.get("plot", out / "planted.png"))
+    if plot.exists() and plot.name not in (md.read_text() if md.exists() else ""):
+        rep.image(plot.name, "planted-circuit benchmark")
     rep.h2("Files")
     rep.bullets([f"`{Path(p).name}`" for p in files.values()] or ["`planted.md`"])
     summary = {key: value for key, value in result.items() if key != "files"}

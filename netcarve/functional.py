@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._csv import write_rows
 from .errors import NetcarveError
 from .graph import ModelGraph
 from .hooks import preserved_state, resolve_module
@@ -1130,16 +1131,7 @@ class PruningComparison:
 
     def save_csv(self, path: str | Path) -> Path:
         """One row per method."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(self.rows[0]) if self.rows else []
-        with out.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            for row in self.rows:
-                w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v
-                            for k, v in row.items()})
-        return out
+        return write_rows(path, self.rows)
 
 
 def compare_pruning(

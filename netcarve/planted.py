@@ -68,7 +68,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 import time
@@ -81,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._csv import write_rows
 from .circuit import (
     count,
     keep_count,
@@ -780,14 +780,7 @@ class PlantedReport:
         Example:
             >>> report.write_csv("out/planted.csv")  # doctest: +SKIP
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            for r in self.rows:
-                writer.writerow({k: r.get(k) for k in COLUMNS})
-        return path
+        return write_rows(path, self.rows, COLUMNS)
 
     def plot(self, path: str | Path) -> Path:
         """PNG: median recall (top) and precision (bottom) vs keep, one column per

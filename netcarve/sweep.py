@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ._csv import write_rows
 from .circuit import (
     CircuitError,
     count,
@@ -66,14 +66,7 @@ class SweepResult:
 
     def write_csv(self, path: str | Path) -> Path:
         """Write all rows as CSV."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: r.get(k) for k in COLUMNS})
-        return path
+        return write_rows(path, self.rows, COLUMNS)
 
     def markdown_table(self) -> str:
         """Median held-out preservation, criteria as columns and keep as rows (like SPEC)."""

@@ -9,7 +9,6 @@ versions of netcarve, torch and Python, the platform and the date.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 
 from netcarve.errors import NetcarveError
+
+from .._csv import write_rows
 
 __all__ = [
     "Logger",
@@ -149,23 +150,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]],
     Returns:
         the path written.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    cols = list(columns) if columns is not None else (list(rows[0]) if rows else [])
-    with target.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in cols})
-    return target
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    return value
+    return write_rows(path, rows, columns)
 
 
 @dataclass

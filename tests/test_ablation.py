@@ -228,3 +228,27 @@ def test_stats_to_dict() -> None:
     d = json.loads(json.dumps(ablate(net, "features.0", single_removals(4), x, y).to_dict()))
     assert len(d["accuracy"]) == 4 and d["n"] == len(y)
     assert d["forward_passes"]["naive_passes"] == 5
+
+
+@pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
+def test_strided_max_pool_is_bitwise_equal_to_max_pool(kernel):
+    from netcarve.ablation import _strided_max_pool
+
+    torch.manual_seed(0)
+    pool = torch.nn.MaxPool2d(kernel)
+    for shape in [(3, 4, 8, 9), (2, 5, 7, 7), (1, 1, 6, 6)]:
+        x = torch.randn(shape)
+        x[0, 0, 0, 0] = float("nan")
+        x[0, 0, 1, 1] = float("inf")
+        x[-1, -1, -1, 0] = float("-inf")
+        got = _strided_max_pool(pool, x)
+        assert got is not None and got.is_contiguous()
+        expected = pool(x)
+        assert got.shape == expected.shape
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(0.0), expected.nan_to_num(0.0))
+    # cases it must leave to the module
+    x = torch.randn(1, 2, 8, 8)
+    for other in (torch.nn.MaxPool2d(3, stride=2), torch.nn.MaxPool2d(2, padding=1),
+                  torch.nn.MaxPool2d(2, ceil_mode=True), torch.nn.MaxPool2d(2, dilation=2)):
+        assert _strided_max_pool(other, x) is None

@@ -587,10 +587,13 @@ def _strided_max_pool(module: nn.MaxPool2d, x: Any) -> torch.Tensor | None:
     h, w = x.shape[2] // kh, x.shape[3] // kw
     if h == 0 or w == 0:
         return None
+    if (h * kh, w * kw) != tuple(x.shape[2:]):
+        # floor mode drops the last rows/columns; a compact copy keeps the maxima fast
+        x = x[:, :, :h * kh, :w * kw].contiguous()
     out: torch.Tensor | None = None
     for i in range(kh):
         for j in range(kw):
-            view = x[:, :, i:h * kh:kh, j:w * kw:kw]
+            view = x[:, :, i::kh, j::kw]
             out = view if out is None else torch.maximum(out, view)
     assert out is not None
     return out.contiguous() if kh * kw > 1 else out.clone()
@@ -1066,9 +1069,12 @@ class AblationEngine:
             if id(bv) not in made:
                 s = bv.shape[1] // c
                 kv = keep_rows.repeat_interleave(s, dim=1) if s > 1 else keep_rows
-                kv = kv.to(bv.device).reshape(len(item), bv.shape[1], *([1] * (bv.dim() - 2)))
-                made[id(bv)] = torch.where(kv, bv.index_select(0, item),
-                                           zero[a].index_select(0, item))
+                # copy the unablated values, then overwrite only the removed channels (a
+                # handful per item) with their all-removed values
+                out = bv.index_select(0, item)
+                rows, chans = (~kv.to(bv.device)).nonzero(as_tuple=True)
+                out[rows, chans] = zero[a][item.index_select(0, rows), chans]
+                made[id(bv)] = out
             env[a] = made[id(bv)]
         return env
 

@@ -36,12 +36,11 @@ from netcarve.reproduce.report import (
     Logger,
     Report,
     ReproduceError,
-    canonical_command,
-    prepare_out,
     pyplot,
     quiet,
     run_context,
     save_figure,
+    start_report,
     write_csv,
 )
 
@@ -402,10 +401,9 @@ def run_car(
     settings = settings or (CarSettings.quick() if quick else CarSettings())
     settings.check()
     log = log or quiet()
-    out = prepare_out(out_dir)
-    command = command or canonical_command("car", quick=quick, seed=seed, out=out)
-    rep = Report("car", "Reproduce: CAR pruning vs baselines, and colour vs shape",
-                 command=command, seed=seed, quick=quick, threads=threads)
+    out, rep = start_report(
+        "car", "Reproduce: CAR pruning vs baselines, and colour vs shape",
+        out_dir, quick=quick, seed=seed, threads=threads, command=command)
     with run_context(seed, threads):
         curves = car_vs_baselines(settings, seed, log)
         colour = colour_vs_shape(settings, seed, log)

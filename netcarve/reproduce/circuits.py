@@ -36,12 +36,11 @@ from netcarve.reproduce.report import (
     Logger,
     Report,
     ReproduceError,
-    canonical_command,
-    prepare_out,
     pyplot,
     quiet,
     run_context,
     save_figure,
+    start_report,
     write_csv,
 )
 
@@ -427,10 +426,9 @@ def run_circuits(
     settings = settings or (CircuitsSettings.quick() if quick else CircuitsSettings())
     settings.check()
     log = log or quiet()
-    out = prepare_out(out_dir)
-    command = command or canonical_command("circuits", quick=quick, seed=seed, out=out)
-    rep = Report("circuits", "Reproduce: criteria for feature-preserving circuits",
-                 command=command, seed=seed, quick=quick, threads=threads)
+    out, rep = start_report(
+        "circuits", "Reproduce: criteria for feature-preserving circuits",
+        out_dir, quick=quick, seed=seed, threads=threads, command=command)
     with run_context(seed, threads):
         plans = {m: plan_units(m, settings.units, seed)[1] for m in settings.models}
         log(f"{sum(len(t) for t in plans.values())} units, {len(settings.criteria)} criteria, "

@@ -33,10 +33,9 @@ from netcarve.reproduce.report import (
     Logger,
     Report,
     ReproduceError,
-    canonical_command,
-    prepare_out,
     quiet,
     run_context,
+    start_report,
 )
 
 __all__ = [
@@ -291,10 +290,9 @@ def run_fop(
     settings = settings or (FopSettings.quick() if quick else FopSettings())
     settings.check()
     log = log or quiet()
-    out = prepare_out(out_dir)
-    command = command or canonical_command("fop", quick=quick, seed=seed, out=out)
-    rep = Report("fop", "Reproduce: functionality-oriented pruning and functionality defection",
-                 command=command, seed=seed, quick=quick, threads=threads)
+    out, rep = start_report(
+        "fop", "Reproduce: functionality-oriented pruning and functionality defection",
+        out_dir, quick=quick, seed=seed, threads=threads, command=command)
     results = []
     with run_context(seed, threads):
         for i, threshold in enumerate(settings.thresholds):

@@ -13,11 +13,9 @@ from typing import Any
 
 from netcarve.reproduce.report import (
     Logger,
-    Report,
-    canonical_command,
-    prepare_out,
     quiet,
     run_context,
+    start_report,
 )
 
 __all__ = ["run_planted_report"]
@@ -59,10 +57,9 @@ def run_planted_report(
     from netcarve.planted import run_planted
 
     log = log or quiet()
-    out = prepare_out(out_dir)
-    command = command or canonical_command("planted", quick=quick, seed=seed, out=out)
-    rep = Report("planted", "Reproduce: recovering planted circuits", command=command,
-                 seed=seed, quick=quick, threads=threads)
+    out, rep = start_report(
+        "planted", "Reproduce: recovering planted circuits",
+        out_dir, quick=quick, seed=seed, threads=threads, command=command)
     log("running the planted-circuit benchmark")
     with run_context(seed, threads):
         result = run_planted(out, quick=quick, seed=seed)

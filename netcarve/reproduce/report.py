@@ -347,3 +347,22 @@ def stderr_logger(prefix: str) -> Logger:
 def quiet() -> Logger:
     """A logger that prints nothing."""
     return _quiet
+
+
+def start_report(experiment: str, title: str, out_dir: str | Path, *, quick: bool, seed: int,
+                 threads: int | None, command: str | None) -> tuple[Path, Report]:
+    """Create the output folder and the report of one experiment run.
+
+    Args:
+        experiment: the ``netcarve reproduce`` sub-command name.
+        title: the report's title.
+        out_dir, quick, seed, threads: the run's settings.
+        command: the command line to record (default: the canonical one for these settings).
+
+    Returns:
+        ``(output folder, report)``.
+    """
+    out = prepare_out(out_dir)
+    command = command or canonical_command(experiment, quick=quick, seed=seed, out=out)
+    return out, Report(experiment, title, command=command, seed=seed, quick=quick,
+                       threads=threads)

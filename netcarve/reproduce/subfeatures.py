@@ -36,12 +36,11 @@ from netcarve.reproduce.report import (
     Logger,
     Report,
     ReproduceError,
-    canonical_command,
-    prepare_out,
     pyplot,
     quiet,
     run_context,
     save_figure,
+    start_report,
     write_csv,
 )
 
@@ -418,10 +417,9 @@ def run_subfeatures(
     settings = settings or (SubfeatureSettings.quick() if quick else SubfeatureSettings())
     settings.check()
     log = log or quiet()
-    out = prepare_out(out_dir)
-    command = command or canonical_command("subfeatures", quick=quick, seed=seed, out=out)
-    rep = Report("subfeatures", "Reproduce: sub-feature circuits of a polysemantic-looking unit",
-                 command=command, seed=seed, quick=quick, threads=threads)
+    out, rep = start_report(
+        "subfeatures", "Reproduce: sub-feature circuits of a polysemantic-looking unit",
+        out_dir, quick=quick, seed=seed, threads=threads, command=command)
     with run_context(seed, threads):
         lm = load_model(settings.model)
         pool_x, pool_y = _pool(lm.preset, "train", settings.pool_images, seed)

@@ -32,16 +32,17 @@ from typing import Any
 
 import torch
 
+from netcarve._csv import write_rows
 from netcarve.reproduce.report import (
     Logger,
     Report,
     ReproduceError,
+    draw,
     pyplot,
     quiet,
     run_context,
     save_figure,
     start_report,
-    write_csv,
 )
 
 __all__ = [
@@ -136,18 +137,6 @@ class CarSettings:
             raise ReproduceError(f"lr must be positive, got {self.lr}")
 
 
-def _draw(preset: Any, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` raw images and labels of a split, drawn at random (seeded)."""
-    from netcarve.evaluation import reference_data
-
-    x, y = reference_data(preset, split)
-    if n > len(x):
-        raise ReproduceError(f"the {split} split has {len(x)} images; {n} requested")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(x), generator=gen)[:n]
-    return x[idx], y[idx]
-
-
 def _counts(target: int, points: int) -> list[int]:
     return sorted({round(target * i / (points - 1)) for i in range(points)})
 
@@ -182,9 +171,9 @@ def car_vs_baselines(settings: CarSettings, seed: int = 0,
     settings.check()
     log = log or quiet()
     lm = load_model(settings.model)
-    xs, ys = _draw(lm.preset, "train", settings.scoring_images, seed)
+    xs, ys = draw(lm.preset, "train", settings.scoring_images, seed)
     xe, ye = reference_data(lm.preset, "test", settings.eval_images)
-    ft_x, ft_y = _draw(lm.preset, "train", settings.finetune_images, seed + 1) \
+    ft_x, ft_y = draw(lm.preset, "train", settings.finetune_images, seed + 1) \
         if settings.finetune_epochs else (None, None)
     report = CurveReport()
     greedy: dict[str, dict[str, Any]] = {}
@@ -301,7 +290,7 @@ def colour_vs_shape(settings: CarSettings, seed: int = 0,
     n = lm.model.get_submodule(layer).out_channels
     if settings.colour_k >= n:
         raise ReproduceError(f"colour_k must be below the {n} filters of {layer}")
-    xs, ys = _draw(lm.preset, "train", settings.colour_scoring_images, seed)
+    xs, ys = draw(lm.preset, "train", settings.colour_scoring_images, seed)
     xc, _ = reference_data(lm.preset, "test", settings.colour_images)
     reps = {by: colour_selectivity(lm.model, layer, preset=lm.preset, images=xc, by=by,
                                    threshold=settings.colour_threshold)
@@ -408,12 +397,12 @@ def run_car(
         curves = car_vs_baselines(settings, seed, log)
         colour = colour_vs_shape(settings, seed, log)
     curves["curves"].save(out / "curves")
-    write_csv(out / "half_table.csv", curves["table"])
-    write_csv(out / "greedy_order.csv", [
+    write_rows(out / "half_table.csv", curves["table"])
+    write_rows(out / "greedy_order.csv", [
         {"layer": layer, "step": i + 1, "filter": f}
         for layer, info in curves["greedy"].items() for i, f in enumerate(info["order"])])
     colour["reports"]["weight"].save(out / "colour_index.csv")
-    write_csv(out / "colour_vs_pruning.csv", colour["rows"])
+    write_rows(out / "colour_vs_pruning.csv", colour["rows"])
     _plot_colour(colour, out / "colour.png")
     _write_report(rep, settings, curves, colour)
     summary = {

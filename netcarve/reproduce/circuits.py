@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from netcarve._csv import write_rows
 from netcarve.reproduce.report import (
     Logger,
     Report,
@@ -41,7 +42,6 @@ from netcarve.reproduce.report import (
     run_context,
     save_figure,
     start_report,
-    write_csv,
 )
 
 __all__ = ["REFERENCE", "CircuitsSettings", "run_circuits", "statistics"]
@@ -440,8 +440,8 @@ def run_circuits(
             "kept_kernels", "effective_keep", "collapsed", "pearson", "nmad",
             "per_image_median", "seconds"]
     for m in settings.models:
-        write_csv(out / f"{m}_sweep.csv", [r for r in rows if r["model"] == m], cols)
-    write_csv(out / "statistics.csv", stats)
+        write_rows(out / f"{m}_sweep.csv", [r for r in rows if r["model"] == m], cols)
+    write_rows(out / "statistics.csv", stats)
     _plot(stats, settings, out / "comparison.png")
     _write_report(rep, settings, plans, stats, seconds)
     summary = {"settings": asdict(settings), "units": {m: len(t) for m, t in plans.items()},

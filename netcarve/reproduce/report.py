@@ -25,13 +25,12 @@ import torch
 
 from netcarve.errors import NetcarveError
 
-from .._csv import write_rows
-
 __all__ = [
     "Logger",
     "Report",
     "ReproduceError",
     "canonical_command",
+    "draw",
     "environment",
     "fmt",
     "prepare_out",
@@ -39,8 +38,8 @@ __all__ = [
     "quiet",
     "run_context",
     "save_figure",
+    "start_report",
     "stderr_logger",
-    "write_csv",
 ]
 
 Logger = Callable[[str], None]
@@ -143,14 +142,20 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def write_csv(path: str | Path, rows: Sequence[dict[str, Any]],
-              columns: Sequence[str] | None = None) -> Path:
-    """Write dict rows as CSV (columns: ``columns``, else the first row's keys).
+def draw(preset: Any, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` raw images and their labels drawn from a split at random (seeded).
 
-    Returns:
-        the path written.
+    Raises:
+        ReproduceError: the split has fewer than ``n`` images.
     """
-    return write_rows(path, rows, columns)
+    from netcarve.evaluation import reference_data
+
+    x, y = reference_data(preset, split)
+    if n > len(x):
+        raise ReproduceError(f"the {split} split has {len(x)} images; {n} requested")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x), generator=gen)[:n]
+    return x[idx], y[idx]
 
 
 @dataclass

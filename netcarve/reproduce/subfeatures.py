@@ -32,16 +32,17 @@ from typing import Any
 
 import torch
 
+from netcarve._csv import write_rows
 from netcarve.reproduce.report import (
     Logger,
     Report,
     ReproduceError,
+    draw,
     pyplot,
     quiet,
     run_context,
     save_figure,
     start_report,
-    write_csv,
 )
 
 __all__ = ["SubfeatureSettings", "run_subfeatures", "scan_units"]
@@ -113,18 +114,6 @@ class SubfeatureSettings:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _pool(preset: Any, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images of a split drawn at random (seeded), normalised, with their labels."""
-    from netcarve.evaluation import reference_data
-
-    x, y = reference_data(preset, split)
-    if n > len(x):
-        raise ReproduceError(f"the {split} split has {len(x)} images; {n} requested")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(x), generator=gen)[:n]
-    return preset.normalize(x[idx]), y[idx]
 
 
 @torch.no_grad()
@@ -422,8 +411,9 @@ def run_subfeatures(
         out_dir, quick=quick, seed=seed, threads=threads, command=command)
     with run_context(seed, threads):
         lm = load_model(settings.model)
-        pool_x, pool_y = _pool(lm.preset, "train", settings.pool_images, seed)
-        held_x, _ = _pool(lm.preset, "test", settings.heldout_pool, seed)
+        pool_x, pool_y = draw(lm.preset, "train", settings.pool_images, seed)
+        pool_x = lm.preset.normalize(pool_x)
+        held_x = lm.preset.normalize(draw(lm.preset, "test", settings.heldout_pool, seed)[0])
         graph = ModelGraph.build(lm.model, pool_x[:1])
         cands = scan_units(lm, graph, settings, seed, (pool_x, pool_y, held_x), log)
         if not cands:
@@ -457,9 +447,9 @@ def run_subfeatures(
     _plot_embedding(chosen, out / "embedding.png")
     _plot_preservation(sub_rows, out / "preservation.png")
     scan = [c.row() for c in ranked]
-    write_csv(out / "scan.csv", scan)
-    write_csv(out / "subcircuits.csv", sub_rows)
-    write_csv(out / "iou.csv", iou_rows)
+    write_rows(out / "scan.csv", scan)
+    write_rows(out / "subcircuits.csv", sub_rows)
+    write_rows(out / "iou.csv", iou_rows)
     headline = _write_report(rep, settings, ranked, detail, sub_rows, iou_rows, reports)
     summary = {"settings": asdict(settings), "chosen": chosen.target, "scan": scan,
                "headline": headline}

@@ -179,9 +179,9 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
         f"criterion actgrad, keep 0.1 of {circuit.relevant_kernels:,} relevant kernels: "
         f"{circuit.kept_kernels:,} kept after the effective-mask clean-up "
         f"(effective keep {circuit.effective_keep:.3f})",
-        f"preservation on 1,000 held-out test images: Pearson r = {pres.pearson:.3f}, "
+        f"preservation on {len(heldout):,} held-out test images: Pearson r = {pres.pearson:.3f}, "
         f"median per-image r = {pres.per_image_median:.3f}, normalised MAD = {pres.nmad:.3f}",
-        f"preservation on the 1,000 scoring images: r = "
+        f"preservation on the {len(scoring):,} scoring images: r = "
         f"{circuit.preservation_scoring.pearson:.3f}",
         f"extraction took {circuit.metadata['seconds']:.1f} s; the diagram with its node "
         f"visualisations ({viz_steps} optimisation steps per node) {viz_seconds:.1f} s",
@@ -272,8 +272,8 @@ def _car_section(page: _Page, lm: Any, graph: ModelGraph, out: Path, n_images: i
         {"model": DEMO_MODEL, "images": n_images, "car": report.to_dict(),
          "classwise": classwise.to_dict()}, indent=2, default=str))
     most, least = classwise.most_important(), classwise.least_important()
-    ranked = sorted(range(len(layer.filters)), key=lambda i: (
-        -float(layer.car[i]), -float(layer.loss_car[i]), layer.filters[i]))
+    index = {f: i for i, f in enumerate(layer.filters)}
+    ranked = [index[f] for f in layer.ranking()[::-1]]  # most important first
     counts = report.counts
     page.h2(f"Class-wise CAR of {DEMO_MODEL} {CAR_LAYER}")
     page.p(f"Each of the layer's {len(layer.filters)} filters removed on its own, top-1 accuracy "

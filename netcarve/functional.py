@@ -1263,17 +1263,14 @@ class DefectionReport:
             vals = torch.tensor([r[name] for r in rows], dtype=torch.float64)
             return vals[torch.isfinite(vals)]
 
+        def agg(t: torch.Tensor, how: str) -> float | None:
+            return float(getattr(t, how)()) if len(t) else None
+
         out = []
         for (method, lr, epochs, layer, kind), rows in groups.items():
             vals = stats(rows, "cosine")
             rel = stats(rows, "cosine_relative")
             orig = stats(rows, "cosine_vs_original")
-
-            def agg(t: torch.Tensor, how: str) -> float | None:
-                if not len(t):
-                    return None
-                return float(getattr(t, how)())
-
             out.append({"method": method, "lr": lr, "epochs": epochs, "layer": layer,
                         "descriptor": kind, "filters": len(rows),
                         "undefined": len(rows) - len(vals),

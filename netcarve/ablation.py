@@ -12,14 +12,16 @@ with its own channel mask, and runs only the rest of the network (the *suffix*) 
 a removed filter outputs exactly 0 after its BatchNorm -- its bias and BatchNorm shift are
 removed too. Later operations run normally (a ReLU keeps the channel at 0).
 
-**Exactness.** The results equal a naive loop (:func:`ablate_naive`: one full forward pass per
-removal and chunk, masks applied with hooks) bit for bit: the prefix is the same computation
-on the same batch of ``B`` images, the suffix applies the same operations in the same order,
-and the statistics of each removal are reduced from a ``[B, classes]`` block of logits by the
-same code in both paths. This relies on each image's result not depending on the other items
-in a batch (true for the CPU kernels of convolutions, linear layers, pooling and BatchNorm in
-eval mode; the tests check it with :func:`torch.equal`). Two optional shortcuts keep that
-exactness:
+**Agreement with the naive loop.** The engine's statistics equal a naive loop's
+(:func:`ablate_naive`: one full forward pass per removal and chunk, masks applied with hooks)
+in real arithmetic: the prefix is the same computation, the suffix applies the same operations
+in the same order, and the statistics are reduced by the same code. In floating point they
+agree within :data:`TOLERANCES` (see :func:`compare_stats`), not bit for bit: CPU (oneDNN) and
+CUDA (cuDNN) kernels pick algorithms by batch shape, and the engine stacks removals along the
+batch dimension, so no backend promises batch-invariant bits. Top-1/top-5 decisions agree
+except at *near-ties* (an image whose two deciding logits differ by less than
+``NEAR_TIE_RTOL`` of its largest logit), which every evaluation counts. Two optional shortcuts
+are exact in real arithmetic:
 
 * *skipping unchanged items*: just before the first layer after ``l``, an item whose every
   live value is bitwise equal to the unablated network's is dropped from the batch -- its
@@ -67,13 +69,17 @@ from netcarve.zoo.preset import Preset
 
 __all__ = [
     "METRICS",
+    "NEAR_TIE_RTOL",
+    "TOLERANCES",
     "AblationEngine",
     "AblationError",
     "AblationStats",
     "ForwardCounts",
     "Metric",
+    "StatsAgreement",
     "ablate",
     "ablate_naive",
+    "compare_stats",
     "resolve_metric",
     "single_removals",
 ]
@@ -203,6 +209,10 @@ class AblationStats:
         class_loss: float64 ``[R, K]`` summed cross-entropy per true class.
         class_count: int64 ``[K]`` images per true class.
         custom: float64 ``[R]`` sums of a custom metric, or None.
+        near_ties: int64 ``[R]`` images whose top-1 decision is a near-tie (the best two logits
+            differ by less than :data:`NEAR_TIE_RTOL` of the largest absolute logit): another
+            kernel's rounding may flip them.
+        near_ties5: int64 ``[R]`` the same for the top-5 boundary (5th vs 6th logit).
         base_*: the same for the unablated network (``base_correct`` is a 0-d tensor, etc.).
         counts: the :class:`ForwardCounts` of the evaluation.
     """
@@ -222,6 +232,10 @@ class AblationStats:
     base_class_correct: torch.Tensor
     base_class_loss: torch.Tensor
     base_custom: torch.Tensor | None
+    near_ties: torch.Tensor | None = None
+    near_ties5: torch.Tensor | None = None
+    base_near_ties: torch.Tensor | None = None
+    base_near_ties5: torch.Tensor | None = None
     counts: ForwardCounts = field(default_factory=ForwardCounts)
 
     def accuracy(self) -> torch.Tensor:
@@ -265,7 +279,9 @@ class AblationStats:
         return {"n": self.n, "accuracy": self.accuracy().tolist(),
                 "top5": (self.correct5.double() / self.n).tolist(), "loss": self.loss().tolist(),
                 "base_accuracy": self.base_metric("top1"), "base_top5": self.base_metric("top5"),
-                "base_loss": self.base_metric("loss"), "forward_passes": self.counts.to_dict()}
+                "base_loss": self.base_metric("loss"),
+                "near_ties": None if self.near_ties is None else self.near_ties.tolist(),
+                "forward_passes": self.counts.to_dict()}
 
     def drop(self, metric: str | Metric | Callable[..., Any] | None = None) -> torch.Tensor:
         """float64 ``[R]``: how much worse the metric is than unablated (CAR; > 0 = worse)."""
@@ -289,6 +305,8 @@ class _Accumulator:
         self.class_loss = torch.zeros(r, num_classes, dtype=torch.float64)
         self.class_count = torch.zeros(num_classes, dtype=torch.int64)
         self.custom_sum = torch.zeros(r, dtype=torch.float64) if custom else None
+        self.near = torch.zeros(r, dtype=torch.int64)
+        self.near5 = torch.zeros(r, dtype=torch.int64)
         self.n = 0
 
     def add(self, rows: Sequence[int], logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -310,6 +328,9 @@ class _Accumulator:
             self.loss_sum[r] += per_image.sum().cpu()
             self.class_correct[r] += torch.bincount(labels[hit], minlength=self.k).cpu()
             self.class_loss[r] += (onehot * per_image[:, None]).sum(0).cpu()
+            near, near5 = _near_ties(z, k5)
+            self.near[r] += int(near.sum())
+            self.near5[r] += int(near5.sum())
             if self.custom_sum is not None and self.custom is not None:
                 value = self.custom.fn(z, labels)  # type: ignore[misc]
                 self.custom_sum[r] += float(value)
@@ -327,8 +348,141 @@ def _stats(acc: _Accumulator, base: _Accumulator, counts: ForwardCounts) -> Abla
         base_correct=base.correct[0], base_correct5=base.correct5[0],
         base_loss_sum=base.loss_sum[0], base_class_correct=base.class_correct[0],
         base_class_loss=base.class_loss[0],
-        base_custom=None if base.custom_sum is None else base.custom_sum[0], counts=counts,
+        base_custom=None if base.custom_sum is None else base.custom_sum[0],
+        near_ties=acc.near, near_ties5=acc.near5, base_near_ties=base.near[0],
+        base_near_ties5=base.near5[0], counts=counts,
     )
+
+
+NEAR_TIE_RTOL = 1e-5
+"""A decision is a near-tie when its two deciding logits differ by less than this fraction of
+the image's largest absolute logit."""
+
+
+def _near_ties(z: torch.Tensor, k5: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[B]`` near-ties of the top-1 and of the top-``k5`` boundary of logits ``z``."""
+    k = z.shape[1]
+    if k < 2:
+        none = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        return none, none
+    top = z.detach().topk(min(k5 + 1, k), dim=1).values.double()
+    scale = z.detach().abs().amax(1).double().clamp_min(torch.finfo(torch.float64).tiny)
+    near = (top[:, 0] - top[:, 1]) < NEAR_TIE_RTOL * scale
+    near5 = (top[:, k5 - 1] - top[:, k5]) < NEAR_TIE_RTOL * scale if k5 < k else \
+        torch.zeros_like(near)
+    return near, near5
+
+
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 5e-3,
+}
+"""Relative tolerance on summed losses (and custom metric sums) by the model's dtype."""
+
+
+@dataclass
+class StatsAgreement:
+    """How closely two evaluations of the same removals agree (see :func:`compare_stats`).
+
+    Attributes:
+        ok: everything within the contract.
+        rtol: the relative tolerance applied to float sums.
+        max_loss_error: largest ``|a - b| / (|b| + floor)`` over the loss sums (all rows,
+            classes and the base), in units of ``rtol`` × reference.
+        decision_changes: images counted differently (top-1, top-5 and per class), summed.
+        near_ties: near-ties of the reference, which bound the allowed decision changes.
+        problems: one line per violation.
+    """
+
+    ok: bool
+    rtol: float
+    max_loss_error: float
+    decision_changes: int
+    near_ties: int
+    problems: list[str]
+
+    def describe(self) -> str:
+        """A one-paragraph summary for test messages and reports."""
+        head = (f"{'agree' if self.ok else 'DISAGREE'}: max relative loss error "
+                f"{self.max_loss_error:.2e} (rtol {self.rtol:.0e}), {self.decision_changes} "
+                f"decision changes, {self.near_ties} near-ties")
+        return "\n".join([head, *self.problems])
+
+
+def compare_stats(got: AblationStats, want: AblationStats,
+                  dtype: torch.dtype = torch.float32,
+                  rtol: float | None = None) -> StatsAgreement:
+    """Check two evaluations of the same candidates against the agreement contract.
+
+    The contract: loss sums (per candidate, per class and unablated) agree to relative
+    ``rtol`` (default :data:`TOLERANCES` of ``dtype``: 1e-5 for float32, 1e-9 for float64),
+    with an absolute floor of ``rtol × 1e-2`` per image so that a sum of near-zero losses is
+    not held to a relative bound its rounding cannot meet; integer counts of correct images
+    (top-1, top-5, per class) differ by at most the reference's near-ties of the same row.
+
+    Args:
+        got: the evaluation under test (e.g. the engine, or CUDA).
+        want: the reference (e.g. :func:`ablate_naive`, or CPU).
+        dtype: the model's dtype (picks the tolerance).
+        rtol: override the tolerance.
+
+    Returns:
+        :class:`StatsAgreement`.
+
+    Example:
+        >>> agreement = compare_stats(engine_stats, naive_stats)  # doctest: +SKIP
+        >>> assert agreement.ok, agreement.describe()  # doctest: +SKIP
+    """
+    tol = TOLERANCES.get(dtype, 1e-5) if rtol is None else rtol
+    problems: list[str] = []
+    if got.n != want.n or got.num_classes != want.num_classes:
+        problems.append(f"different data: n {got.n} vs {want.n}, classes {got.num_classes} vs "
+                        f"{want.num_classes}")
+        return StatsAgreement(False, tol, float("inf"), 0, 0, problems)
+    if not torch.equal(got.class_count, want.class_count):
+        problems.append("different label counts per class")
+    floor = tol * 1e-2
+    worst = 0.0
+    pairs = [("loss_sum", got.loss_sum, want.loss_sum, want.n),
+             ("class_loss", got.class_loss, want.class_loss, want.class_count[None].double()),
+             ("base_loss_sum", got.base_loss_sum, want.base_loss_sum, want.n),
+             ("base_class_loss", got.base_class_loss, want.base_class_loss,
+              want.class_count.double())]
+    if got.custom is not None and want.custom is not None:
+        pairs.append(("custom", got.custom, want.custom, want.n))
+    for name, a, b, n in pairs:
+        err = (a.double() - b.double()).abs()
+        bound = tol * (b.double().abs() + floor * torch.as_tensor(n, dtype=torch.float64))
+        ratio = float((err / bound.clamp_min(torch.finfo(torch.float64).tiny)).max()) \
+            if err.numel() else 0.0
+        worst = max(worst, ratio * tol)
+        if ratio > 1.0:
+            problems.append(f"{name}: relative error {ratio * tol:.2e} exceeds {tol:.0e}")
+    ties = want.near_ties if want.near_ties is not None else torch.zeros_like(want.correct)
+    ties5 = want.near_ties5 if want.near_ties5 is not None else torch.zeros_like(want.correct)
+    bties = int(want.base_near_ties or 0)
+    bties5 = int(want.base_near_ties5 or 0)
+    d1 = (got.correct - want.correct).abs()
+    d5 = (got.correct5 - want.correct5).abs()
+    dc = (got.class_correct - want.class_correct).abs().sum(1)
+    b1 = abs(int(got.base_correct) - int(want.base_correct))
+    b5 = abs(int(got.base_correct5) - int(want.base_correct5))
+    bc = int((got.base_class_correct - want.base_class_correct).abs().sum())
+    for name, diff, allowed in [("correct", d1, ties), ("correct5", d5, ties5),
+                                ("class_correct", dc, ties)]:
+        bad = (diff > allowed).nonzero().reshape(-1)
+        if bad.numel():
+            r = int(bad[0])
+            problems.append(f"{name}: candidate {r} differs by {int(diff[r])} images with only "
+                            f"{int(allowed[r])} near-ties ({bad.numel()} candidates)")
+    for name, diff, allowed in [("base_correct", b1, bties), ("base_correct5", b5, bties5),
+                                ("base_class_correct", bc, bties)]:
+        if diff > allowed:
+            problems.append(f"{name}: differs by {diff} images with only {allowed} near-ties")
+    changes = int(d1.sum() + d5.sum() + dc.sum()) + b1 + b5 + bc
+    return StatsAgreement(not problems, tol, worst, changes, int(ties.sum()) + bties, problems)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._json_limits import loads_limited
 from .errors import NetcarveError
 from .preservation import Preservation
 from .targets import Target, TargetError
@@ -112,12 +114,149 @@ def _preservation(d: dict[str, Any] | None) -> Preservation | None:
         return None
     nan = float("nan")
     return Preservation(
-        pearson=nan if d["pearson"] is None else d["pearson"],
-        nmad=nan if d["nmad"] is None else d["nmad"],
-        per_image_median=nan if d["per_image_median"] is None else d["per_image_median"],
+        pearson=nan if d.get("pearson") is None else d["pearson"],
+        nmad=nan if d.get("nmad") is None else d["nmad"],
+        per_image_median=nan if d.get("per_image_median") is None else d["per_image_median"],
         n_images=d["n_images"],
         per_image=[nan if v is None else v for v in d.get("per_image", [])],
     )
+
+
+# ------------------------------------------------------------------------ header validation
+# A circuit file may come from anyone. Everything in its header is checked for type, range and
+# size before it is used, so that a hostile or damaged file fails with one message instead of
+# reaching code that assumes well-formed values (or allocating what a number asks for).
+
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_NAME = 512
+MAX_LAYERS = 100_000
+MAX_TRACE_ELEMENTS = 1 << 26  # the zero input traced to rebuild the graph (256 MiB in float32)
+
+
+class _Bad(ValueError):
+    """One header problem, with the JSON path of the offending field."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _expect(ok: bool, where: str, what: str, value: Any) -> None:
+    if not ok:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise _Bad(f"{where} must be {what}, got {shown}")
+
+
+def _name(v: Any, where: str) -> str:
+    _expect(isinstance(v, str) and 0 < len(v) <= MAX_NAME, where,
+            f"a non-empty string of at most {MAX_NAME} characters", v)
+    return v
+
+
+def _check_target(t: Any, layer_shapes: dict[str, tuple[int, ...]]) -> None:
+    _expect(isinstance(t, dict), "target", "an object", t)
+    _name(t.get("layer"), "target.layer")
+    direction, channel = t.get("direction"), t.get("channel")
+    out = layer_shapes[t["layer"]][0] if t["layer"] in layer_shapes else None
+    if direction is not None:
+        _expect(isinstance(direction, list) and 0 < len(direction) <= 1 << 20
+                and all(_is_number(v) for v in direction), "target.direction",
+                "a list of finite numbers", direction)
+        if out is not None:
+            _expect(len(direction) == out, "target.direction",
+                    f"{out} numbers (one per channel of {t['layer']})", len(direction))
+    else:
+        rng = "an integer ≥ 0" if out is None else f"an integer in 0..{out - 1}"
+        _expect(_is_int(channel) and channel >= 0 and (out is None or channel < out),
+                "target.channel", rng, channel)
+    pos = t.get("position")
+    _expect(pos is None or (isinstance(pos, list) and len(pos) == 2
+                            and all(_is_int(v) and 0 <= v < 1 << 20 for v in pos)),
+            "target.position", "null or two integers ≥ 0", pos)
+    objective = t.get("objective", "sum_abs")
+    _expect(isinstance(objective, str) and len(objective) <= MAX_NAME, "target.objective",
+            "a string", objective)
+
+
+def _check_preservation(d: Any, where: str) -> None:
+    if d is None:
+        return
+    _expect(isinstance(d, dict), where, "null or an object", d)
+    for key in ("pearson", "nmad", "per_image_median"):
+        _expect(d.get(key) is None or _is_number(d.get(key)), f"{where}.{key}",
+                "a finite number or null", d.get(key))
+    _expect(_is_int(d.get("n_images")) and d["n_images"] >= 0, f"{where}.n_images",
+            "an integer ≥ 0", d.get("n_images"))
+    per_image = d.get("per_image", [])
+    _expect(isinstance(per_image, list) and all(v is None or _is_number(v) for v in per_image),
+            f"{where}.per_image", "a list of finite numbers or nulls", per_image)
+
+
+def _check_metadata(meta: Any) -> None:
+    _expect(isinstance(meta, dict), "metadata", "an object", meta)
+    shape = meta.get("input_shape")
+    if shape is not None:
+        _expect(isinstance(shape, list) and 1 <= len(shape) <= 4
+                and all(_is_int(v) and 0 < v <= 1 << 16 for v in shape)
+                and math.prod(shape) <= MAX_TRACE_ELEMENTS, "metadata.input_shape",
+                f"1 to 4 positive integers whose product is at most {MAX_TRACE_ELEMENTS:,}", shape)
+    for key in ("model", "model_fingerprint", "data_fingerprint", "granularity"):
+        if key in meta:
+            _name(meta[key], f"metadata.{key}")
+
+
+def _check_header(header: Any, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Validate a parsed header against its tensors; return the layer names."""
+    _expect(isinstance(header, dict), "the header", "a JSON object", header)
+    _expect(header.get("format") == FORMAT, "format", repr(FORMAT), header.get("format"))
+    version = header.get("format_version", 0)
+    _expect(_is_int(version) and version >= 1, "format_version", "an integer ≥ 1", version)
+    layers = header.get("layers")
+    _expect(isinstance(layers, list) and len(layers) <= MAX_LAYERS, "layers",
+            "a list of layer names", layers)
+    for k, name in enumerate(layers):
+        _name(name, f"layers[{k}]")
+    _expect(len(set(layers)) == len(layers), "layers", "a list without repeats", layers)
+    expected = {f"{kind}/{n}" for n in layers for kind in ("mask", "relevant")}
+    missing = sorted(expected - set(tensors))
+    _expect(not missing, "the tensors", "present for every layer", missing[:3])
+    allowed = expected | {f"score/{n}" for n in layers}
+    extra = sorted(set(tensors) - allowed)
+    _expect(not extra, "the tensors", "only mask/, relevant/ and score/ of listed layers",
+            extra[:3])
+    shapes: dict[str, tuple[int, ...]] = {}
+    for n in layers:
+        for kind in ("mask", "relevant"):
+            t = tensors[f"{kind}/{n}"]
+            _expect(t.dtype == torch.uint8 and t.dim() == 2, f"tensor {kind}/{n}",
+                    "a 2-D uint8 tensor", f"{t.dtype} of shape {tuple(t.shape)}")
+            _expect(bool(((t == 0) | (t == 1)).all()), f"tensor {kind}/{n}", "0s and 1s",
+                    "other values")
+        shapes[n] = tuple(tensors[f"mask/{n}"].shape)
+        score = tensors.get(f"score/{n}")
+        _expect(score is None or (score.is_floating_point() and tuple(score.shape) == shapes[n]),
+                f"tensor score/{n}", f"floats of shape {shapes[n]}",
+                None if score is None else f"{score.dtype} of shape {tuple(score.shape)}")
+    _check_target(header.get("target"), shapes)
+    _name(header.get("criterion"), "criterion")
+    keep = header.get("keep")
+    _expect(_is_number(keep) and 0 < keep <= 1, "keep", "a number in (0, 1]", keep)
+    _expect(_is_int(header.get("selected")) and header["selected"] >= 0, "selected",
+            "an integer ≥ 0", header.get("selected"))
+    _expect(isinstance(header.get("collapsed"), bool), "collapsed", "true or false",
+            header.get("collapsed"))
+    digest = header.get("mask_sha256")
+    _expect(isinstance(digest, str) and len(digest) == 64, "mask_sha256",
+            "a 64-character SHA-256 hex digest", digest)
+    _check_preservation(header.get("preservation"), "preservation")
+    _check_preservation(header.get("preservation_scoring"), "preservation_scoring")
+    _check_metadata(header.get("metadata", {}))
+    return layers
 
 
 def load_circuit(path: str | Path):
@@ -154,24 +293,25 @@ def load_circuit(path: str | Path):
     if raw is None:
         raise CircuitFileError(f"{path} is a safetensors file but not a netcarve circuit")
     try:
-        header = json.loads(raw)
-        if header.get("format") != FORMAT:
-            raise ValueError("wrong format tag")
-        if header.get("format_version", 0) > FORMAT_VERSION:
-            raise CircuitFileError(
-                f"{path} uses circuit format {header['format_version']}; this netcarve reads "
-                f"up to {FORMAT_VERSION}: upgrade netcarve"
-            )
-        layers = header["layers"]
+        header = loads_limited(raw, max_bytes=MAX_HEADER_BYTES)
+        if isinstance(header, dict) and header.get("format") == FORMAT:
+            version = header.get("format_version", 0)
+            if _is_int(version) and version > FORMAT_VERSION:
+                raise CircuitFileError(
+                    f"{path} uses circuit format {version}; this netcarve reads up to "
+                    f"{FORMAT_VERSION}: upgrade netcarve"
+                )
+        layers = _check_header(header, tensors)
         relevant = {n: tensors[f"relevant/{n}"].bool() for n in layers}
         masks = {n: tensors[f"mask/{n}"].bool() for n in layers}
         scores = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("score/")}
         target = _target_from_json(header["target"])
     except CircuitFileError:
         raise
-    except (KeyError, ValueError, TypeError, TargetError, json.JSONDecodeError) as exc:
-        raise CircuitFileError(f"{path}: malformed circuit header or missing tensor ({exc})") \
-            from exc
+    except _Bad as exc:
+        raise CircuitFileError(f"{path}: malformed circuit header: {exc}") from None
+    except (ValueError, TargetError) as exc:
+        raise CircuitFileError(f"{path}: malformed circuit header ({exc})") from None
     for n in layers:
         if masks[n].shape != relevant[n].shape:
             raise CircuitFileError(f"{path}: mask and relevant shapes differ for layer {n}")

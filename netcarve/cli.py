@@ -10,17 +10,22 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_common import emit, fail_cleanly, run_options, source_options
+from .cli_common import device_option, emit, fail_cleanly, run_options, source_options
+from .cli_errors import DEBUG_META
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="netcarve")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="Show the full traceback of any error (also: NETCARVE_DEBUG=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """netcarve: interpret convolutional networks by pruning them.
 
-    Exit codes: 0 success, 1 unexpected failure, 2 bad arguments or names,
-    3 data problem, 4 weight-file problem.
+    Exit codes: 0 success, 1 a bug (please report it) or out of memory, 2 bad arguments or
+    names, 3 data problem, 4 weight-file problem, 130 interrupted.
     """
+    ctx.meta[DEBUG_META] = debug
 
 
 @cli.command()
@@ -81,7 +86,7 @@ def train(name: str, epochs: int | None, seed: int, out: Path | None, as_json: b
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @fail_cleanly
 def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: Path | None,

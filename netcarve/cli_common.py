@@ -4,35 +4,15 @@ modules can import them without importing the command group that registers them)
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import NetcarveError
+from .cli_errors import EXIT_USAGE, fail_cleanly
 
-
-def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user mistakes (NetcarveError) into a one-line message and a meaningful exit code.
-
-    Example:
-        >>> @fail_cleanly
-        ... def cmd():
-        ...     raise NetcarveError("bad")
-    """
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except NetcarveError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
+__all__ = ["device_option", "emit", "fail_cleanly", "run_options", "source_options"]
 
 
 def emit(data: Any, as_json: bool, text: str) -> None:
@@ -58,10 +38,27 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ])
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from .devices import DeviceError, resolve_device
+
+    try:
+        return str(resolve_device(value))
+    except DeviceError as exc:
+        # One line and exit 2, like every other bad name (click's BadParameter adds usage text).
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(EXIT_USAGE)
+
+
+def device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--device`` (auto: the GPU when there is one, else the CPU), resolved and checked."""
+    return click.option("--device", default="auto", show_default=True, callback=_check_device,
+                        help="auto, cpu, cuda, cuda:N or mps.")(fn)
+
+
 def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--device --seed --out --json`` (how to run and where the results go)."""
     return _stack(fn, [
-        click.option("--device", default="cpu", show_default=True),
+        device_option,
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                      help="Output folder."),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from .cli_common import device_option as _device_option
 from .cli_common import emit as _emit
 from .cli_common import fail_cleanly as _fail_cleanly
 
@@ -47,7 +48,7 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--pruned-edges", is_flag=True,
               help="Also list pruned kernels between drawn nodes (faint, kept=false).")
 @click.option("--title", default=None, help="Diagram title [default: target and model].")
-@click.option("--device", default="cpu", show_default=True)
+@_device_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the image draw.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_fail_cleanly
@@ -87,15 +88,11 @@ def _draw_circuit(circuit_path: Path, out: Path, formats: list[str], model_spec:
                   title: str | None, device: str, seed: int) -> tuple[dict, dict[str, Path]]:
     from .circuit import Circuit, model_fingerprint
     from .diagram import circuit_to_json, render_diagram
-    from .errors import NetcarveError
     from .evaluation import analysis_data
     from .zoo import load_model
 
     circuit = Circuit.load(circuit_path)
-    spec = model_spec or circuit.metadata.get("model")
-    if not spec:
-        raise NetcarveError(f"{circuit_path} does not name its model (no metadata 'model'): "
-                            "pass --model (and --weights if needed)")
+    spec = _model_to_load(circuit_path, circuit.metadata.get("model"), model_spec)
     lm = load_model(spec, weights, preset=preset, device=device)
     recorded = circuit.metadata.get("model_fingerprint")
     if recorded and recorded != model_fingerprint(lm.model):
@@ -112,3 +109,31 @@ def _draw_circuit(circuit_path: Path, out: Path, formats: list[str], model_spec:
                            pictures=not no_pictures, model_name=lm.name, title=title,
                            pruned_edges=pruned_edges, top_k=top_k)
     return data, render_diagram(data, out, formats)
+
+
+def _model_to_load(circuit_path: Path, label: object, model_spec: str | None) -> str:
+    """The model spec to load: ``--model`` if given, else the file's label if it is a zoo name.
+
+    A circuit file is data: the model it names is only a label, matched against the zoo's
+    registered names and never imported or called (a ``module:function`` label from a file
+    could run any code on this machine). Only a spec the user types is resolved as code.
+    """
+    from .errors import ModelSpecError
+    from .zoo import ZOO
+
+    shown = repr(label) if len(repr(label)) <= 80 else repr(label)[:77] + "..."
+    if model_spec is not None:
+        if isinstance(label, str) and label and label != model_spec:
+            click.echo(f"warning: {circuit_path} was extracted from model {shown}; drawing it "
+                       f"with --model {model_spec}", err=True)
+        return model_spec
+    if label is None or label == "":
+        raise ModelSpecError(f"{circuit_path} does not name its model (no metadata 'model'): "
+                             "pass --model (and --weights if needed)")
+    if isinstance(label, str) and label in ZOO:
+        return label
+    raise ModelSpecError(
+        f"{circuit_path} names its model {shown}, which is not a zoo model; netcarve never "
+        "imports code named inside a file. If you trust the file, pass the model yourself: "
+        "--model package.module:factory (and --weights)"
+    )

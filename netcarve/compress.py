@@ -48,7 +48,8 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from torch.nn.modules import dropout as _drop
 from torch.nn.modules import padding as _pad
 from torch.nn.modules import pooling as _pool
 
+from netcarve._json_limits import loads_limited
 from netcarve.costs import count_macs, count_parameters
 from netcarve.errors import ModelSpecError, NetcarveError
 from netcarve.graph import ModelGraph
@@ -540,6 +542,9 @@ def prune_filters(
 def build_from_spec(spec: str) -> nn.Module:
     """The unpruned architecture (random weights) named by a zoo name or a factory spec.
 
+    Only call this with a spec the user gave: a ``package.module:factory`` spec imports and
+    calls code. :func:`load_pruned` resolves a spec read from a file against the zoo only.
+
     Raises:
         ModelSpecError: the spec cannot be resolved.
 
@@ -565,62 +570,120 @@ def build_from_spec(spec: str) -> nn.Module:
     return model
 
 
-def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> PrunedModel:
+Architecture = str | Callable[[], nn.Module] | nn.Module
+
+
+def _base_architecture(recorded: Any, given: Architecture | None, where: Path) -> nn.Module:
+    """The unpruned module: the caller's ``architecture``, else the file's spec if a zoo name.
+
+    A spec read from a file is a label, never imported: a ``module:factory`` string inside
+    architecture.json could otherwise run any code on the machine that loads it.
+    """
+    from netcarve.zoo import ZOO
+
+    if given is None:
+        if isinstance(recorded, str) and recorded in ZOO:
+            return ZOO[recorded].factory()
+        shown = repr(recorded) if len(repr(recorded)) <= 80 else repr(recorded)[:77] + "..."
+        raise ModelSpecError(
+            f"{where} names architecture {shown}, which is not a zoo model; netcarve never "
+            "imports code named inside a file. If you trust it, pass it yourself: "
+            f"load_pruned(..., architecture={shown}) or a factory / module")
+    if isinstance(given, nn.Module):
+        return copy.deepcopy(given)
+    if isinstance(given, str):
+        return build_from_spec(given)
+    model = given()
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"architecture factory returned {type(model).__name__}, "
+                             "not an nn.Module")
+    return model
+
+
+def _input_shape(value: Any, where: Path) -> tuple[int, ...]:
+    ok = (isinstance(value, list) and 1 <= len(value) <= 4
+          and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16
+                  for v in value) and math.prod(value) <= 1 << 26)
+    if not ok:
+        raise CompressError(f"{where}: input_shape must be 1 to 4 positive integers of "
+                            f"moderate size, got {str(value)[:60]}")
+    return tuple(value)
+
+
+def load_pruned(directory: str | Path, device: str | torch.device = "cpu", *,
+                architecture: Architecture | None = None) -> PrunedModel:
     """Rebuild a pruned model saved by :meth:`PrunedModel.save`.
 
-    The base architecture is built from the saved spec, resized to the kept filters, and
-    filled with the saved weights.
+    The base architecture is built, resized to the kept filters, and filled with the saved
+    weights. The file names its architecture, but only a zoo name is used from it; any other
+    architecture must come from the caller.
 
     Args:
         directory: the folder with ``architecture.json`` and ``model.safetensors``.
         device: where to put the module.
+        architecture: the unpruned architecture when it is not a zoo model: a
+            ``package.module:factory`` spec, a zero-argument factory, or a module (copied).
 
     Returns:
         the :class:`PrunedModel` (module in eval mode).
 
     Raises:
         CompressError: missing or malformed files.
-        ModelSpecError: the spec cannot be built. WeightsError: the weights do not fit.
+        ModelSpecError: the file names a non-zoo architecture and none was given, or the
+            spec cannot be built. WeightsError: the weights do not fit.
 
     Example:
         >>> again = load_pruned("out/pruned")  # doctest: +SKIP
+        >>> mine = load_pruned("out/pruned", architecture="mypkg.nets:build")  # doctest: +SKIP
     """
+    from netcarve.devices import resolve_device
     from netcarve.weights import load_weights
 
+    target_device = resolve_device(device)
     folder = Path(directory)
     desc_path = folder / "architecture.json"
     if not desc_path.is_file():
         raise CompressError(f"no architecture.json in {folder}")
     try:
-        desc = json.loads(desc_path.read_text())
-    except json.JSONDecodeError as exc:
+        desc = loads_limited(desc_path.read_text(encoding="utf-8"), max_bytes=64 << 20)
+    except (ValueError, OSError) as exc:
         raise CompressError(f"{desc_path} is not valid JSON: {exc}") from exc
-    if desc.get("format") != ARCHITECTURE_FORMAT:
+    if not isinstance(desc, dict) or desc.get("format") != ARCHITECTURE_FORMAT:
         raise CompressError(f"{desc_path} is not a netcarve pruned-model description")
-    if int(desc.get("version", 0)) > _FORMAT_VERSION:
-        raise CompressError(f"{desc_path} has format version {desc['version']}; this netcarve "
+    version = desc.get("version", 0)
+    if not isinstance(version, int) or version > _FORMAT_VERSION:
+        raise CompressError(f"{desc_path} has format version {version!r}; this netcarve "
                             f"reads up to {_FORMAT_VERSION}")
-    base = build_from_spec(desc["spec"]).eval()
-    input_shape = tuple(int(v) for v in desc["input_shape"])
+    kept_desc = desc.get("kept")
+    if not isinstance(kept_desc, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            for v in kept_desc.values()):
+        raise CompressError(f"{desc_path}: 'kept' must map layer names to lists of filter "
+                            "indices")
+    input_shape = _input_shape(desc.get("input_shape"), desc_path)
+    base = _base_architecture(desc.get("spec"), architecture, desc_path).eval()
     graph = ModelGraph.build(base, torch.zeros(1, *input_shape))
     masks: dict[str, torch.Tensor] = {}
-    for name, kept in desc["kept"].items():
+    for name, kept in kept_desc.items():
         keep = torch.zeros(graph.layer(name).out_channels, dtype=torch.bool)
+        if any(not 0 <= i < len(keep) for i in kept):
+            raise CompressError(f"{desc_path}: kept filters of {name} must lie in "
+                                f"0..{len(keep) - 1}")
         keep[torch.tensor(kept, dtype=torch.int64)] = True
         masks[name] = keep
     checked = _check_masks(graph, masks)
     module = copy.deepcopy(base)
     _apply_structure(module, graph, checked)
     load_weights(module, folder / "model.safetensors")
-    module.eval().to(device)
-    new_graph = ModelGraph.build(module, torch.zeros(1, *input_shape, device=device))
+    module.eval().to(target_device)
+    new_graph = ModelGraph.build(module, torch.zeros(1, *input_shape, device=target_device))
     return PrunedModel(
         module=module, kept={k: list(v) for k, v in desc["kept"].items()},
         removed={k: list(v) for k, v in desc.get("removed", {}).items()},
         params_before=int(desc.get("params_before", count_parameters(base))),
         params_after=count_parameters(module),
         macs_before=int(desc.get("macs_before", count_macs(base, graph))),
-        macs_after=count_macs(module, new_graph), input_shape=input_shape, spec=desc["spec"],
+        macs_after=count_macs(module, new_graph), input_shape=input_shape, spec=desc.get("spec"),
         order=[(str(a), int(b)) for a, b in desc.get("order", [])],
         max_rel_error=desc.get("max_rel_error"), metadata=desc.get("metadata", {}),
     )

@@ -73,7 +73,7 @@ def test_end_to_end(tmp_path) -> None:
     pm = summary["pruned_model"]
     assert pm["params_after"] < pm["params_before"] and pm["macs_after"] < pm["macs_before"]
     # the saved model reloads and equals the masked original
-    again = load_pruned(out / "pruned")
+    again = load_pruned(out / "pruned", architecture=tiny_fmnist)
     x, _ = reference_data(FASHION_MNIST_PRESET, "test", 8)
     x = FASHION_MNIST_PRESET.normalize(x)
     net = tiny_fmnist().eval()

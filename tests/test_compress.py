@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _nets import make
+from _nets import CatNet, make
 from torch import nn
 
 from netcarve.compress import (
@@ -17,6 +17,7 @@ from netcarve.compress import (
     prunable_layers,
     prune_filters,
 )
+from netcarve.errors import ModelSpecError
 from netcarve.graph import ModelGraph
 from netcarve.hooks import apply_filter_masks
 from netcarve.zoo import ZOO
@@ -202,9 +203,14 @@ def test_save_and_reload_factory_spec(tmp_path) -> None:
     graph = ModelGraph.build(net, x[:1])
     pruned = prune_filters(net, random_masks(graph, ["b1", "b2.0", "mix"], seed=1),
                            graph=graph, spec="_nets:CatNet")
-    again = load_pruned(pruned.save(tmp_path / "cat"))
-    with torch.no_grad():
-        assert torch.equal(again.module(x), pruned.module(x))
+    folder = pruned.save(tmp_path / "cat")
+    # The file's spec is a label: a module:factory named in a file is never imported.
+    with pytest.raises(ModelSpecError, match="never imports code named inside a file"):
+        load_pruned(folder)
+    for architecture in ("_nets:CatNet", CatNet, CatNet()):
+        again = load_pruned(folder, architecture=architecture)
+        with torch.no_grad():
+            assert torch.equal(again.module(x), pruned.module(x))
 
 
 def test_load_pruned_errors(tmp_path) -> None:
@@ -213,3 +219,24 @@ def test_load_pruned_errors(tmp_path) -> None:
     (tmp_path / "architecture.json").write_text('{"format": "other"}')
     with pytest.raises(CompressError, match="not a netcarve"):
         load_pruned(tmp_path)
+
+
+def test_load_pruned_refuses_malformed_descriptions_before_building(tmp_path) -> None:
+    torch.manual_seed(4)
+    net = ZOO["fmnist_vgg"].factory()
+    graph = ModelGraph.build(net, torch.zeros(1, 1, 28, 28))
+    folder = prune_filters(net, random_masks(graph, ["features.0"], seed=5), graph=graph,
+                           spec="fmnist_vgg").save(tmp_path / "p")
+    good = json.loads((folder / "architecture.json").read_text())
+    cases = {
+        "filters of features.0 must lie in": {"kept": {"features.0": [0, 10_000]}},
+        "'kept' must map": {"kept": {"features.0": "all"}},
+        "input_shape must be": {"input_shape": [1, 60_000, 60_000]},
+        "format version": {"version": "1"},
+        "nested more than": {"metadata": {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]
+                                                ]]]]]]]]]]]]]]]]]]]}},
+    }
+    for message, change in cases.items():
+        (folder / "architecture.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(CompressError, match=message):
+            load_pruned(folder)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .._json_limits import loads_limited
 from ..errors import NetcarveError
 from ..graph import ModelGraph
 from ..zoo.preset import Preset
@@ -62,6 +63,8 @@ __all__ = [
 FORMAT = "netcarve-diagram"
 FORMAT_VERSION = 1
 MAX_INPUT_NODES = 16
+# Pictures are embedded as data URLs; a real diagram of a large circuit stays well under this.
+MAX_DIAGRAM_BYTES = 256 * 1024 * 1024
 SIGN_RULE = ("sign of the kernel's weight sum times the scale of the BatchNorm after the "
              "layer (gamma / sqrt(running_var + eps)); +1 excitatory, -1 inhibitory")
 
@@ -257,23 +260,22 @@ def load_diagram_json(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_DIAGRAM_BYTES:
+            raise DiagramError(f"{path} is {path.stat().st_size:,} bytes, larger than any "
+                               f"diagram netcarve writes ({MAX_DIAGRAM_BYTES:,} at most)")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DiagramError(f"diagram file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DiagramError(f"cannot read {path}: {exc}") from exc
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = loads_limited(text, max_bytes=MAX_DIAGRAM_BYTES)
     except ValueError as exc:
-        raise DiagramError(f"{path} is not valid JSON: {exc}") from exc
+        raise DiagramError(f"{path} is not valid JSON for a diagram: {exc}") from None
     try:
         return validate_diagram(data)
     except DiagramError as exc:
         raise DiagramError(f"{path}: {exc}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def dump_diagram_json(data: dict[str, Any], path: str | Path, *, indent: int | None = 1) -> Path:
@@ -455,6 +457,13 @@ def circuit_to_json(
                                f"layer needs {graph.layers[name].mask_shape}: wrong model?")
     if target.layer not in graph.layers:
         raise DiagramError(f"target layer {target.layer!r} is not a layer of this model")
+    n_out = graph.layers[target.layer].out_channels
+    if target.direction is not None and target.direction.numel() != n_out:
+        raise DiagramError(f"the circuit's target direction has {target.direction.numel()} "
+                           f"entries but {target.layer} has {n_out} channels: wrong model?")
+    if any(not 0 <= c < n_out for c in target.channels):
+        raise DiagramError(f"the circuit's target channels {target.channels} are outside "
+                           f"{target.layer}'s 0..{n_out - 1}: wrong model?")
     relevant = {n: r.detach().cpu().bool() for n, r in circuit.relevant.items()}
     layer_order = [n for n in graph.layers if n in masks or n == target.layer]
     alive = {n: masks[n].any(dim=1) if n in masks else

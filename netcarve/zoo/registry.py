@@ -14,6 +14,7 @@ from torch import nn
 # Submodules, not the package: netcarve.data imports the preset from this package.
 from ..data.fashion_mnist import FASHION_MNIST_CLASSES
 from ..data.shapes import SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD
+from ..devices import resolve_device
 from ..errors import ModelSpecError
 from ..weights import load_weights, read_metadata
 from .preset import Preset
@@ -137,7 +138,7 @@ def load_model(
             instead of the bundled weights.
         preset: input preset (a :class:`Preset` or a zoo name whose preset to use). Needed
             for a factory spec unless the module has a ``netcarve_preset`` attribute.
-        device: where to put the model.
+        device: where to put the model (``"auto"``: the GPU when there is one).
 
     Returns:
         A :class:`LoadedModel` whose model is in eval mode.
@@ -145,12 +146,14 @@ def load_model(
     Raises:
         ModelSpecError: unknown name (close names are suggested) or a bad factory spec.
         WeightsError: the weight file does not fit the architecture.
+        DeviceError: ``device`` is unknown or not on this machine.
 
     Example:
         >>> lm = load_model("fmnist_vgg")
         >>> lm.preset.size
         28
     """
+    target_device = resolve_device(device)
     metadata: dict[str, str] = {}
     if ":" in spec:
         model = _resolve_factory(spec)()
@@ -186,6 +189,6 @@ def load_model(
         )
     if weights is not None:
         load_weights(model, weights)
-    model.eval().to(device)
+    model.eval().to(target_device)
     return LoadedModel(name, model, resolved_preset, None if weights is None else str(weights),
                        metadata)

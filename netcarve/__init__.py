@@ -17,9 +17,10 @@ from .circuit import Circuit, extract, select_top_k
 from .colour import colour_selectivity
 from .compress import PrunedModel, load_pruned, prune_filters
 from .criteria import CRITERIA, get_criterion
+from .data import ImageFolderDataset, ImageStream, as_stream, image_folder_loader
 from .diagram import write_diagram
 from .errors import NetcarveError
-from .evaluation import analysis_data, evaluate, reference_data
+from .evaluation import analysis_data, analysis_streams, evaluate, reference_data
 from .featureviz import dataset_examples, receptive_field, visualize
 from .finetune import finetune
 from .functional import (
@@ -40,6 +41,8 @@ __all__ = [
     "CRITERIA",
     "ZOO",
     "Circuit",
+    "ImageFolderDataset",
+    "ImageStream",
     "ModelGraph",
     "NetcarveError",
     "Preset",
@@ -47,8 +50,10 @@ __all__ = [
     "Target",
     "__version__",
     "analysis_data",
+    "analysis_streams",
     "apply_filter_masks",
     "apply_kernel_masks",
+    "as_stream",
     "capture",
     "car_compress",
     "car_scores",
@@ -66,6 +71,7 @@ __all__ = [
     "functional_prune",
     "get_criterion",
     "greedy_prune",
+    "image_folder_loader",
     "load_model",
     "load_pruned",
     "prune_filters",

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import __version__
 from .criteria import ScoringContext, get_criterion
+from .data.stream import Images, ImageStream, as_stream, fingerprint_batches
 from .errors import NetcarveError
 from .graph import ModelGraph
 from .hooks import apply_kernel_masks, preserved_state, stop_at
@@ -121,22 +122,20 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def data_fingerprint(images: torch.Tensor) -> str:
-    """SHA-256 of an image tensor's shape and bytes (first 16 hex)."""
-    h = hashlib.sha256(f"{tuple(images.shape)}:{images.dtype}".encode())
-    # Hash in slices so a large data set is never copied whole.
-    for start in range(0, len(images), 1024):
-        t = images[start:start + 1024].detach().cpu().contiguous()
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()[:16]
+def data_fingerprint(images: Images) -> str:
+    """SHA-256 of images' shape, dtype and bytes (first 16 hex); a tensor and a stream of
+    the same images agree (see :func:`netcarve.data.stream.fingerprint_batches`)."""
+    if isinstance(images, torch.Tensor):
+        return fingerprint_batches([images])
+    return as_stream(images).fingerprint()
 
 
 # ---------------------------------------------------------------------------- responses
 
 
-def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size].to(device)
+def _batches(images: Images, batch_size: int, device: torch.device,
+             dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    yield from as_stream(images).images(batch_size, device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -144,7 +143,7 @@ def target_responses(
     model: nn.Module,
     graph: ModelGraph,
     target: Target,
-    images: torch.Tensor,
+    images: Images,
     *,
     masks: dict[str, torch.Tensor] | None = None,
     batch_size: int = 256,
@@ -155,18 +154,19 @@ def target_responses(
         model: the model (its state is restored afterwards).
         graph: its :class:`ModelGraph`.
         target: a resolved target.
-        images: normalised inputs ``[N, C, H, W]``.
+        images: normalised inputs ``[N, C, H, W]``, or a stream of them (DataLoader,
+            iterable of batches: :mod:`netcarve.data.stream`).
         masks: kernel masks to apply (None: the original model).
         batch_size: images per forward pass.
 
     Yields:
         ``target.response(z)`` for each batch, on CPU.
     """
-    device = _device_of(model)
+    device, dtype = _device_of(model), _dtype_of(model)
     with preserved_state(model), _maybe_masked(model, graph, masks):
         model.eval()
         with stop_at(model, target.layer) as run:
-            for xb in _batches(images, batch_size, device):
+            for xb in _batches(images, batch_size, device, dtype):
                 yield _compact(target.response(run(xb)).cpu())
 
 
@@ -192,28 +192,46 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
 def measure_preservation(
     model: nn.Module,
     graph: ModelGraph,
     target: Target,
     masks: dict[str, torch.Tensor],
-    images: torch.Tensor,
+    images: Images,
     *,
     batch_size: int = 256,
     original: list[torch.Tensor] | None = None,
 ) -> Preservation:
     """Preservation of ``target`` by the masked model on ``images``.
 
+    Without ``original``, one pass over the images: each batch runs through the original
+    model and then the masked one, so a stream is read once and nothing grows with ``N``.
+
     Args:
+        images: normalised images (tensor or stream, see :mod:`netcarve.data.stream`).
         original: precomputed original responses (one tensor per batch, as yielded by
             :func:`target_responses` with the same ``batch_size``) to skip recomputing them.
 
     Returns:
         A :class:`~netcarve.preservation.Preservation`.
     """
-    if original is None:
-        original = list(target_responses(model, graph, target, images, batch_size=batch_size))
     meter = PreservationMeter()
+    if original is None:
+        device, dtype = _device_of(model), _dtype_of(model)
+        with preserved_state(model):
+            model.eval()
+            with stop_at(model, target.layer) as run:
+                for xb in _batches(images, batch_size, device, dtype):
+                    orig = target.response(run(xb)).cpu()
+                    with apply_kernel_masks(model, graph, masks):
+                        circ = target.response(run(xb)).cpu()
+                    meter.update(orig, circ)
+        return meter.result()
     masked = target_responses(model, graph, target, images, masks=masks, batch_size=batch_size)
     for orig, circ in zip(original, masked, strict=True):
         meter.update(orig, circ)
@@ -354,15 +372,27 @@ def _as_target(target: Target | str, graph: ModelGraph) -> Target:
 
 
 def _split_heldout(
-    images: torch.Tensor, heldout: torch.Tensor | None, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    images: ImageStream, heldout: Images | None, seed: int
+) -> tuple[ImageStream, ImageStream]:
     if heldout is not None:
-        return images, heldout
-    if len(images) < 2:
+        return images, as_stream(heldout)
+    if images.tensor is None:
+        return images.halves(seed)
+    x = images.tensor
+    if len(x) < 2:
         raise CircuitError("need at least 2 images to split into scoring and held-out halves")
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    half = len(images) // 2
-    return images[perm[:half]], images[perm[half:]]
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    half = len(x) // 2
+    return as_stream(x[perm[:half]]), as_stream(x[perm[half:]])
+
+
+def _count(stream: ImageStream) -> int:
+    n = stream.count()
+    if n is None:
+        stream.fingerprint()  # one pass, which also counts
+        n = stream.count()
+    assert n is not None
+    return n
 
 
 def _filter_candidates(
@@ -378,7 +408,7 @@ def score_kernels(
     model: nn.Module,
     graph: ModelGraph,
     target: Target | str,
-    images: torch.Tensor,
+    images: Images,
     *,
     criterion: str = "actgrad",
     granularity: str = "kernel",
@@ -393,7 +423,8 @@ def score_kernels(
     Args:
         model, graph: the model and its graph.
         target: a :class:`Target` or a target string such as ``"features.11:5"``.
-        images: normalised scoring images ``[N, C, H, W]`` (streamed in batches).
+        images: normalised scoring images ``[N, C, H, W]`` or a stream of them (a
+            DataLoader or iterable of batches; read once per pass the criterion needs).
         criterion: ``actgrad``, ``snip``, ``force``, ``magnitude`` or ``random``.
         granularity: ``"kernel"`` (``[out, in/groups]`` scores) or ``"filter"`` (``[out]``).
         keep: final keep fraction (FORCE's schedule depends on it).
@@ -412,12 +443,13 @@ def score_kernels(
         target.layer, target.channels
     )
     crit = get_criterion(criterion)
-    device = _device_of(model)
+    device, dtype = _device_of(model), _dtype_of(model)
+    stream = as_stream(images)
     ctx = ScoringContext(
         model=model,
         graph=graph,
         target=target,
-        batches=lambda: _batches(images, batch_size, device),
+        batches=lambda: _batches(stream, batch_size, device, dtype),
         layers=list(relevant),
         masks=masks,
         keep=keep,
@@ -432,9 +464,9 @@ def score_kernels(
 def extract(
     model: nn.Module,
     target: Target | str,
-    images: torch.Tensor,
+    images: Images,
     *,
-    heldout: torch.Tensor | None = None,
+    heldout: Images | None = None,
     criterion: str = "actgrad",
     keep: float = 0.1,
     granularity: str = "kernel",
@@ -455,9 +487,13 @@ def extract(
     Args:
         model: any CNN ``nn.Module`` (it comes back exactly as it was).
         target: a :class:`Target` or a string such as ``"features.8:42"``.
-        images: normalised scoring images ``[N, C, H, W]``.
-        heldout: normalised held-out images for preservation. When omitted, ``images`` is
-            split in two halves at random (seeded): one scores, the other measures.
+        images: normalised scoring images ``[N, C, H, W]``, or a stream of them: a
+            DataLoader or re-iterable of ``(images, labels)`` batches, read once per scoring
+            step and once for preservation (memory does not grow with the number of images).
+        heldout: normalised held-out images (tensor or stream) for preservation. When
+            omitted, ``images`` is split in two at random (seeded): a tensor into two halves,
+            a stream image by image (a seeded coin per image; see
+            :meth:`~netcarve.data.stream.ImageStream.halves`).
         criterion: ``actgrad`` (default), ``snip``, ``force``, ``magnitude`` or ``random``.
         keep: fraction of relevant kernels to keep, in (0, 1].
         granularity: ``"kernel"`` or ``"filter"`` (keep whole filters; the target's own
@@ -467,7 +503,7 @@ def extract(
             with the current mask applied (FORCE iterates by itself).
         batch_size: images per forward pass.
         seed: seeds the random criterion and the scoring/held-out split.
-        graph: a prebuilt :class:`ModelGraph` (built from ``images[:1]`` when omitted).
+        graph: a prebuilt :class:`ModelGraph` (built from the first image when omitted).
         measure: measure preservation (skip for speed when only masks are needed).
 
     Returns:
@@ -475,6 +511,8 @@ def extract(
 
     Raises:
         CircuitError: keep outside (0, 1], no images, bad granularity or steps.
+        DataError: a stream that cannot be read as often as needed (one-shot iterator,
+            shuffling loader) or yields bad batches.
         GraphError / TargetError: unknown layer, channel out of range, untraceable model.
 
     Example:
@@ -488,18 +526,18 @@ def extract(
         raise CircuitError(f"keep must be in (0, 1], got {keep!r}")
     if steps < 1:
         raise CircuitError(f"steps must be >= 1, got {steps}")
-    if len(images) == 0:
+    stream = as_stream(images)
+    if stream.count() == 0:
         raise CircuitError("no scoring images given")
     if granularity not in GRANULARITIES:
         raise CircuitError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     start = time.perf_counter()
     p = next(model.parameters())
-    images = images.to(dtype=p.dtype)
+    first = stream.first(device=p.device, dtype=p.dtype)
     if graph is None:
-        graph = ModelGraph.build(model, images[:1].to(p.device))
+        graph = ModelGraph.build(model, first)
     target = _as_target(target, graph)
-    scoring, held = _split_heldout(images, heldout, seed)
-    held = held.to(dtype=p.dtype)
+    scoring, held = _split_heldout(stream, heldout, seed)
     relevant = graph.relevant_kernels(target.layer, target.channels)
     common = dict(batch_size=batch_size, seed=seed, relevant=relevant)
 
@@ -545,12 +583,8 @@ def extract(
             "per_layer_norm": per_layer_norm,
             "steps": steps,
             "seed": seed,
-            "input_shape": list(images.shape[1:]),
-            "scoring_images": len(scoring),
-            "heldout_images": len(held),
+            "input_shape": list(first.shape[1:]),
             "model_fingerprint": model_fingerprint(model),
-            "scoring_data_fingerprint": data_fingerprint(scoring),
-            "heldout_data_fingerprint": data_fingerprint(held),
             "netcarve_version": __version__,
             "torch_version": torch.__version__,
             "scoring_seconds": scoring_seconds,
@@ -562,5 +596,12 @@ def extract(
         circuit.preservation_scoring = measure_preservation(
             model, graph, target, masks, scoring, batch_size=max(batch_size, 256)
         )
+    # After the passes above a stream knows its size and fingerprint (read here otherwise).
+    circuit.metadata.update(
+        scoring_images=_count(scoring),
+        heldout_images=_count(held),
+        scoring_data_fingerprint=scoring.fingerprint(),
+        heldout_data_fingerprint=held.fingerprint(),
+    )
     circuit.metadata["seconds"] = time.perf_counter() - start
     return circuit

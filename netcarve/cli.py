@@ -10,7 +10,14 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_common import device_option, emit, fail_cleanly, run_options, source_options
+from .cli_common import (
+    device_option,
+    emit,
+    fail_cleanly,
+    run_options,
+    source_options,
+    workers_option,
+)
 from .cli_errors import DEBUG_META
 
 
@@ -87,22 +94,25 @@ def train(name: str, epochs: int | None, seed: int, out: Path | None, as_json: b
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @device_option
+@workers_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @fail_cleanly
 def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: Path | None,
-             split: str, limit: int | None, batch_size: int, device: str, as_json: bool) -> None:
+             split: str, limit: int | None, batch_size: int, device: str, workers: int,
+             as_json: bool) -> None:
     """Measure top-1 accuracy of MODEL (zoo name or package.module:factory)."""
-    from .data import load_image_folder
+    from .data import ImageFolderDataset, image_folder_loader
     from .evaluation import evaluate as run_evaluate
     from .evaluation import reference_data
     from .zoo import load_model
 
     lm = load_model(model, weights, preset=preset, device=device)
+    y = None
     if images_dir is not None:
-        folder = load_image_folder(images_dir, lm.preset)
-        x, y = folder.images, folder.labels
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
+        folder = ImageFolderDataset(images_dir, lm.preset)
+        n = len(folder) if limit is None else min(limit, len(folder))
+        x = image_folder_loader(folder, batch_size=batch_size, workers=workers,
+                                indices=range(n))
     else:
         x, y = reference_data(lm.preset, split, limit)
     result = run_evaluate(lm.model, x, y, lm.preset, batch_size=batch_size, device=device,
@@ -126,14 +136,26 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _load_for_analysis(model: str, weights: Path | None, preset: str | None,
                        images_dir: Path | None, n_images: int, n_heldout: int | None,
-                       device: str, seed: int):
-    from .evaluation import analysis_data
+                       device: str, seed: int, *, workers: int | None = None,
+                       batch_size: int = 64):
+    """The model and its scoring / held-out images; with ``workers`` set, an
+    ``--images-dir`` folder is streamed (DataLoaders) instead of loaded whole."""
+    import torch
+
+    from .evaluation import analysis_data, analysis_streams
     from .zoo import load_model
 
     lm = load_model(model, weights, preset=preset, device=device)
+    folder = None if images_dir is None else str(images_dir)
+    if workers is not None:
+        scoring, heldout = analysis_streams(lm.preset, n_images, n_heldout or n_images,
+                                            images_dir=folder, seed=seed,
+                                            batch_size=batch_size, workers=workers)
+        if isinstance(scoring, torch.Tensor) and isinstance(heldout, torch.Tensor):
+            return lm, scoring.to(device), heldout.to(device)
+        return lm, scoring, heldout
     scoring, heldout = analysis_data(lm.preset, n_images, n_heldout or n_images,
-                                     images_dir=None if images_dir is None else str(images_dir),
-                                     seed=seed)
+                                     images_dir=folder, seed=seed)
     return lm, scoring.to(device), heldout.to(device)
 
 
@@ -163,16 +185,18 @@ def _floats(value: str, name: str) -> list[float]:
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Iterative re-scoring steps.")
 @_model_options
+@workers_option
 @fail_cleanly
 def extract(model: str, target: str, criterion: str, keep: float, granularity: str,
             per_layer_norm: bool, steps: int, weights: Path | None, preset: str | None,
             images_dir: Path | None, n_images: int, n_heldout: int | None, batch_size: int,
-            device: str, seed: int, out: Path, as_json: bool) -> None:
+            device: str, seed: int, out: Path, as_json: bool, workers: int) -> None:
     """Extract the circuit of TARGET ("layer:channel", "layer:channel@y,x" or "logit:K")."""
     from .circuit import extract as run_extract
 
     lm, scoring, heldout = _load_for_analysis(model, weights, preset, images_dir, n_images,
-                                              n_heldout, device, seed)
+                                              n_heldout, device, seed, workers=workers,
+                                              batch_size=batch_size)
     circuit = run_extract(lm.model, target, scoring, heldout=heldout, criterion=criterion,
                           keep=keep, granularity=granularity, per_layer_norm=per_layer_norm,
                           steps=steps, batch_size=batch_size, seed=seed)

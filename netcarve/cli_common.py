@@ -12,7 +12,8 @@ import click
 
 from .cli_errors import EXIT_USAGE, fail_cleanly
 
-__all__ = ["device_option", "emit", "fail_cleanly", "run_options", "source_options"]
+__all__ = ["device_option", "emit", "fail_cleanly", "run_options", "source_options",
+           "workers_option"]
 
 
 def emit(data: Any, as_json: bool, text: str) -> None:
@@ -64,3 +65,10 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Output folder."),
         click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout."),
     ])
+
+
+def workers_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--workers`` (processes decoding an ``--images-dir`` folder while the model runs)."""
+    return click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Processes decoding --images-dir images (the folder is streamed, "
+                             "never held in memory).")(fn)

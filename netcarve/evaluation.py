@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import load_fashion_mnist, make_shapes
+from .data.stream import Images, as_stream, image_folder_loader
 from .errors import DataError
 from .zoo.preset import Preset
 
@@ -88,9 +89,9 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    preset: Preset,
+    images: Images,
+    labels: torch.Tensor | None = None,
+    preset: Preset | None = None,
     *,
     batch_size: int = 500,
     device: str | torch.device = "cpu",
@@ -98,13 +99,15 @@ def evaluate(
 ) -> EvalResult:
     """Top-1 accuracy and loss of ``model`` on images (raw uint8, or already normalised floats).
 
-    The model's training mode is restored afterwards.
+    The model's training mode is restored afterwards. One pass over the images, so a
+    DataLoader over a folder of any size is evaluated in bounded memory.
 
     Args:
         model: a classifier producing ``[N, classes]`` logits.
-        images: ``uint8 [N, C, H, W]`` (normalised with ``preset``) or float (used as is).
-        labels: ``int64 [N]``.
-        preset: input preset (normalisation, number of classes).
+        images: ``uint8 [N, C, H, W]`` (normalised with ``preset``) or float (used as is),
+            or a stream of ``(images, labels)`` batches (DataLoader, iterable).
+        labels: ``int64 [N]`` for a tensor (a stream's batches carry their labels).
+        preset: input preset (normalisation of uint8 images, number of classes).
         batch_size: images per forward pass.
         device: device to run on.
         progress: show a progress bar.
@@ -113,7 +116,7 @@ def evaluate(
         An :class:`EvalResult`.
 
     Raises:
-        DataError: no images.
+        DataError: no images, or no labels.
 
     Example:
         >>> from netcarve.zoo import load_model
@@ -122,34 +125,44 @@ def evaluate(
         >>> evaluate(lm.model, x, y, lm.preset).accuracy > 0.8
         True
     """
-    if len(images) == 0:
+    stream = as_stream(images, labels, preset=preset)
+    if stream.count() == 0:
         raise DataError("cannot evaluate on an empty data set")
     was_training = model.training
     model.eval()
-    num_classes = max(preset.num_classes, int(labels.max()) + 1)
+    # Grown on the fly: a stream's largest label is known only at the end.
+    num_classes = preset.num_classes if preset is not None else 0
     correct_per_class = torch.zeros(num_classes)
     count_per_class = torch.zeros(num_classes)
     total_loss = 0.0
     preds = []
     from tqdm import tqdm
 
-    it = batches(images, labels, batch_size)
+    it = stream.batches(batch_size, device=device, labels=True)
     if progress:
-        it = tqdm(it, total=(len(images) + batch_size - 1) // batch_size, desc="evaluate")
+        known = stream.count()
+        total = None if known is None or not stream.is_tensor else -(-known // batch_size)
+        it = tqdm(it, total=total, desc="evaluate")
     try:
-        for xb, yb in it:
-            x = preset.normalize(xb) if xb.dtype == torch.uint8 else xb
-            logits = model(x.to(device)).float().cpu()
+        for x, yb in it:
+            assert yb is not None
+            logits = model(x).float().cpu()
             total_loss += F.cross_entropy(logits, yb, reduction="sum").item()
             pred = logits.argmax(1)
             preds.append(pred)
-            count_per_class += torch.bincount(yb, minlength=num_classes).float()
+            grow = int(yb.max()) + 1 - len(count_per_class)
+            if grow > 0:
+                count_per_class = F.pad(count_per_class, (0, grow))
+                correct_per_class = F.pad(correct_per_class, (0, grow))
+            count_per_class += torch.bincount(yb, minlength=len(count_per_class)).float()
             correct_per_class += torch.bincount(
-                yb[pred == yb], minlength=num_classes
+                yb[pred == yb], minlength=len(count_per_class)
             ).float()
     finally:
         model.train(was_training)
-    n = len(images)
+    n = int(count_per_class.sum())
+    if n == 0:
+        raise DataError("cannot evaluate on an empty data set")
     per_class = (correct_per_class / count_per_class.clamp(min=1)).tolist()
     return EvalResult(
         accuracy=float(correct_per_class.sum() / n),
@@ -216,3 +229,61 @@ def analysis_data(
     pick = torch.randperm(len(train_x), generator=gen)[:n_scoring]
     hold = torch.randperm(len(test_x), generator=gen)[:n_heldout]
     return preset.normalize(train_x[pick]), preset.normalize(test_x[hold])
+
+
+def analysis_streams(
+    preset: Preset,
+    n_scoring: int,
+    n_heldout: int,
+    *,
+    images_dir: str | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> tuple[Images, Images]:
+    """:func:`analysis_data` without holding a folder in memory.
+
+    For ``images_dir`` the same seeded draw picks the same images as :func:`analysis_data`,
+    in the same order, but they come as two DataLoaders that decode them in ``workers``
+    processes, batch by batch; built-in data comes as tensors (it is generated in memory).
+
+    Args:
+        preset: the model's preset.
+        n_scoring: number of scoring images.
+        n_heldout: number of held-out images.
+        images_dir: a folder with one sub-folder per class.
+        seed: seeds the draw.
+        batch_size: images per batch of the loaders.
+        workers: decoding processes (0: in this process).
+
+    Returns:
+        ``(scoring, heldout)``: DataLoaders of ``(images, labels)`` for a folder, else
+        float tensors ``[N, C, H, W]``.
+
+    Raises:
+        DataError: not enough images, or no built-in data for the preset.
+
+    Example:
+        >>> s, h = analysis_streams(preset, 1000, 1000, images_dir="photos", workers=2)
+        ...     # doctest: +SKIP
+    """
+    if images_dir is None:
+        return analysis_data(preset, n_scoring, n_heldout, seed=seed)
+    if n_scoring < 1 or n_heldout < 1:
+        raise DataError("need at least one scoring and one held-out image")
+    from .data import ImageFolderDataset
+
+    dataset = ImageFolderDataset(images_dir, preset)
+    if len(dataset) < n_scoring + n_heldout:
+        raise DataError(
+            f"{images_dir} has {len(dataset)} images; {n_scoring} scoring + "
+            f"{n_heldout} held-out requested: lower --images/--heldout"
+        )
+    # The same generator calls as analysis_data, so both pick the same images.
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return (
+        image_folder_loader(dataset, batch_size=batch_size, workers=workers,
+                            indices=perm[:n_scoring]),
+        image_folder_loader(dataset, batch_size=batch_size, workers=workers,
+                            indices=perm[n_scoring:n_scoring + n_heldout]),
+    )

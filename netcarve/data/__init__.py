@@ -3,6 +3,8 @@
 - Fashion-MNIST from its IDX files (:func:`load_fashion_mnist`, :func:`read_idx`).
 - A user's image folder with one sub-folder per class (:func:`load_image_folder`).
 - Procedural coloured shapes, generated on the fly from a seed (:func:`make_shapes`).
+- Streams: a tensor, DataLoader or iterable of batches as one thing (:func:`as_stream`),
+  and a deterministic worker-decoded loader over a folder (:func:`image_folder_loader`).
 
 Every problem with files or folders is raised as :class:`netcarve.errors.DataError`.
 """
@@ -14,8 +16,9 @@ from netcarve.data.fashion_mnist import (
     load_fashion_mnist,
     read_idx,
 )
-from netcarve.data.image_folder import ImageFolderData, load_image_folder
+from netcarve.data.image_folder import ImageFolderData, ImageFolderDataset, load_image_folder
 from netcarve.data.shapes import SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD, make_shapes
+from netcarve.data.stream import ImageStream, as_stream, image_folder_loader
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
@@ -24,7 +27,11 @@ __all__ = [
     "SHAPES_STD",
     "SHAPE_CLASSES",
     "ImageFolderData",
+    "ImageFolderDataset",
+    "ImageStream",
+    "as_stream",
     "find_fashion_mnist_dir",
+    "image_folder_loader",
     "load_fashion_mnist",
     "load_image_folder",
     "make_shapes",

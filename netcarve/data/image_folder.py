@@ -14,7 +14,7 @@ from PIL import Image
 from netcarve.errors import DataError
 from netcarve.zoo.preset import Preset
 
-__all__ = ["DEFAULT_EXTENSIONS", "ImageFolderData", "load_image_folder"]
+__all__ = ["DEFAULT_EXTENSIONS", "ImageFolderData", "ImageFolderDataset", "load_image_folder"]
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
     ".png",
@@ -86,13 +86,119 @@ def _list_images(class_dir: Path, extensions: set[str]) -> list[Path]:
     return sorted(found)
 
 
-def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
+def _resize(image: Image.Image, preset: Preset) -> Image.Image:
+    """The preset's geometry: a stretch to ``size²``, or resize-shorter-side then centre crop.
+
+    Presets with a ``resize`` attribute (ImageNet-style: 224 crop of a 256 resize) get the
+    aspect-preserving path; every other preset keeps the stretch this loader always did."""
+    size = preset.size
+    resize = getattr(preset, "resize", None)
+    if not resize:
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    w, h = image.size
+    scale = int(resize) / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _read_image(path: Path, mode: str, preset: Preset) -> np.ndarray:
     with Image.open(path) as im:
         im.load()  # decode now so truncated/corrupt files fail here, inside the try
         converted = im.convert(mode)
-    resized = converted.resize((size, size), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.uint8)
+    array = np.array(_resize(converted, preset), dtype=np.uint8)  # a writable copy
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def _describe_failure(path: Path, exc: Exception) -> str:
+    return f"{path}: {type(exc).__name__}: {exc}"
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """A class-per-sub-folder image directory, decoded one image at a time.
+
+    Listing the folder (names, labels) happens here; pixels are decoded only in
+    ``__getitem__``, so a :class:`torch.utils.data.DataLoader` over this data set decodes in
+    its worker processes and holds only the batches in flight, whatever the folder's size.
+    Each item is ``(image float32 [C, size, size] normalised with the preset, label int)``,
+    exactly the rows of :func:`load_image_folder`'s tensors.
+
+    Args:
+        path: directory with one sub-folder per class.
+        preset: the model's input preset (size, channels, normalisation, class names).
+        extensions: file suffixes treated as images.
+
+    Attributes:
+        paths: source file of each item.
+        labels: int64 ``[N]`` label of each item.
+        class_names: one name per label index (label order as in :func:`load_image_folder`).
+
+    Raises:
+        DataError: missing folder, no class sub-folders or no images (at construction);
+            an undecodable file (when that item is read, naming the file).
+
+    Example:
+        >>> ds = ImageFolderDataset("my_photos", preset)  # doctest: +SKIP
+        >>> loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=2)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, path: str | Path, preset: Preset, *, extensions: Iterable[str] = DEFAULT_EXTENSIONS
+    ) -> None:
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise DataError(f"image folder {root} does not exist")
+        if not root.is_dir():
+            raise DataError(f"image folder {root} is not a directory")
+        if preset.channels not in _PIL_MODE:
+            raise DataError(f"preset has {preset.channels} channels; only 1 or 3 are supported")
+        suffixes = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+        folder_classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _is_visible(p))
+        if not folder_classes:
+            raise DataError(
+                f"image folder {root} has no class sub-folders; expected "
+                f"{root}/<class name>/<image>"
+            )
+        files: list[tuple[Path, int]] = []
+        for folder_index, name in enumerate(folder_classes):
+            files += [(p, folder_index) for p in _list_images(root / name, suffixes)]
+        if not files:
+            raise DataError(
+                f"image folder {root} has class sub-folders ({', '.join(folder_classes)}) but "
+                f"no images with extensions {', '.join(sorted(suffixes))}"
+            )
+        mapping = _preset_order(folder_classes, preset.class_names)
+        if mapping is None:
+            self.class_names = tuple(folder_classes)
+            labels = [folder_index for _, folder_index in files]
+        else:
+            self.class_names = tuple(preset.class_names)
+            labels = [mapping[folder_index] for _, folder_index in files]
+        self.root = root
+        self.preset = preset
+        self.paths: tuple[Path, ...] = tuple(file for file, _ in files)
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self._mode = _PIL_MODE[preset.channels]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_pixels(self, index: int) -> np.ndarray:
+        """The ``uint8 [size, size, C]`` pixels of item ``index`` (resized, not normalised).
+
+        Raises:
+            DataError: the file cannot be decoded (the message names it).
+        """
+        path = self.paths[index]
+        try:
+            return _read_image(path, self._mode, self.preset)
+        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+            raise DataError(f"image {_describe_failure(path, exc)}") from exc
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels = torch.from_numpy(self.read_pixels(index)).permute(2, 0, 1)[None]
+        return self.preset.normalize(pixels.contiguous())[0], int(self.labels[index])
 
 
 def load_image_folder(
@@ -108,7 +214,8 @@ def load_image_folder(
     (the aspect ratio is not preserved: images are stretched to the square), then
     normalised with :meth:`Preset.normalize`. Files are found recursively inside each
     class folder and matched by extension (case-insensitive); hidden files and folders
-    are ignored.
+    are ignored. The whole folder is held in memory: for large folders stream it with
+    :class:`ImageFolderDataset` / :func:`netcarve.data.stream.image_folder_loader`.
 
     Label order: if the folder names are the same set as ``preset.class_names``
     (compared case-insensitively on letters and digits only, so ``T-shirt_top`` matches
@@ -133,55 +240,23 @@ def load_image_folder(
         >>> data.images.shape  # doctest: +SKIP
         torch.Size([12, 1, 28, 28])
     """
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DataError(f"image folder {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"image folder {root} is not a directory")
-    if preset.channels not in _PIL_MODE:
-        raise DataError(f"preset has {preset.channels} channels; only 1 or 3 are supported")
-    suffixes = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
-
-    folder_classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _is_visible(p))
-    if not folder_classes:
-        raise DataError(
-            f"image folder {root} has no class sub-folders; expected {root}/<class name>/<image>"
-        )
-
-    files: list[tuple[Path, int]] = []
-    for folder_index, name in enumerate(folder_classes):
-        files += [(p, folder_index) for p in _list_images(root / name, suffixes)]
-    if not files:
-        raise DataError(
-            f"image folder {root} has class sub-folders ({', '.join(folder_classes)}) but no "
-            f"images with extensions {', '.join(sorted(suffixes))}"
-        )
-
-    mode = _PIL_MODE[preset.channels]
+    dataset = ImageFolderDataset(path, preset, extensions=extensions)
     arrays: list[np.ndarray] = []
     bad: list[str] = []
-    for file, _ in files:
+    for file in dataset.paths:
         try:
-            arrays.append(_read_image(file, mode, preset.size))
+            arrays.append(_read_image(file, dataset._mode, preset))
         except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-            bad.append(f"  - {file}: {type(exc).__name__}: {exc}")
+            bad.append(f"  - {_describe_failure(file, exc)}")
     if bad:
         raise DataError(
-            f"{len(bad)} of {len(files)} images in {root} could not be read:\n" + "\n".join(bad)
+            f"{len(bad)} of {len(dataset)} images in {dataset.root} could not be read:\n"
+            + "\n".join(bad)
         )
-
-    mapping = _preset_order(folder_classes, preset.class_names)
-    if mapping is None:
-        class_names = tuple(folder_classes)
-        labels = [folder_index for _, folder_index in files]
-    else:
-        class_names = tuple(preset.class_names)
-        labels = [mapping[folder_index] for _, folder_index in files]
-
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ImageFolderData(
         images=preset.normalize(batch),
-        labels=torch.tensor(labels, dtype=torch.int64),
-        class_names=class_names,
-        paths=tuple(file for file, _ in files),
+        labels=dataset.labels,
+        class_names=dataset.class_names,
+        paths=dataset.paths,
     )

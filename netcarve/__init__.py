@@ -22,6 +22,7 @@ from .errors import NetcarveError
 from .evaluation import analysis_data, evaluate, reference_data
 from .featureviz import dataset_examples, receptive_field, visualize
 from .finetune import finetune
+from .fold import fold_lstsq
 from .functional import (
     class_preference,
     cluster_filters,
@@ -62,6 +63,7 @@ __all__ = [
     "evaluate",
     "extract",
     "finetune",
+    "fold_lstsq",
     "forward_until",
     "functional_prune",
     "get_criterion",

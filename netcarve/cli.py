@@ -10,7 +10,14 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_common import device_option, emit, fail_cleanly, run_options, source_options
+from .cli_common import (
+    device_option,
+    emit,
+    fail_cleanly,
+    in_run_folder,
+    run_options,
+    source_options,
+)
 from .cli_errors import DEBUG_META
 
 
@@ -284,7 +291,7 @@ def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: fl
               show_default=True)
 @click.option("--quick", is_flag=True,
               help="A small version of every step (seconds, for checking the set-up).")
-@fail_cleanly
+@in_run_folder
 def demo(out: Path, quick: bool) -> None:
     """Run the main job on the embedded default and print the report's path."""
     from .demo import run_demo

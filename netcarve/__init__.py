@@ -23,6 +23,7 @@ from .errors import NetcarveError
 from .evaluation import analysis_data, analysis_streams, evaluate, reference_data
 from .featureviz import dataset_examples, receptive_field, visualize
 from .finetune import finetune
+from .fold import fold_lstsq
 from .functional import (
     class_preference,
     cluster_filters,
@@ -67,6 +68,7 @@ __all__ = [
     "evaluate",
     "extract",
     "finetune",
+    "fold_lstsq",
     "forward_until",
     "functional_prune",
     "get_criterion",

@@ -3,7 +3,9 @@
 One file holds everything: tensors ``mask/<layer>``, ``relevant/<layer>`` (uint8) and
 ``score/<layer>`` (float32), keyed by original layer names; the safetensors metadata entry
 ``netcarve_circuit`` holds the JSON description (target, criterion, keep, preservation,
-fingerprints, seed, version) and a SHA-256 of the masks so that an edited file is caught.
+fingerprints, seed, version), a SHA-256 of the masks and one of the header itself, so that an
+edited or damaged file is caught (a checksum, not a signature: it catches edits and damage,
+not someone who recomputes it on purpose).
 Loading never unpickles anything.
 """
 
@@ -41,6 +43,13 @@ def _mask_digest(masks: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}:{tuple(m.shape)}".encode())
         h.update(m.numpy().tobytes())
     return h.hexdigest()
+
+
+def _header_digest(header: dict[str, Any]) -> str:
+    """SHA-256 of the header's canonical JSON, without the digest itself."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _target_to_json(t: Target) -> dict[str, Any]:
@@ -105,6 +114,9 @@ def save_circuit(circuit, path: str | Path) -> Path:
         else circuit.preservation_scoring.to_dict(per_image=True),
         "metadata": circuit.metadata,
     }
+    # Round-trip through JSON first so the digest covers exactly what a reader will parse.
+    header = json.loads(json.dumps(header))
+    header["header_sha256"] = _header_digest(header)
     save_file(tensors, str(path), metadata={"netcarve_circuit": json.dumps(header)})
     return path
 
@@ -253,6 +265,9 @@ def _check_header(header: Any, tensors: dict[str, torch.Tensor]) -> list[str]:
     digest = header.get("mask_sha256")
     _expect(isinstance(digest, str) and len(digest) == 64, "mask_sha256",
             "a 64-character SHA-256 hex digest", digest)
+    header_digest = header.get("header_sha256")
+    _expect(header_digest is None or (isinstance(header_digest, str) and len(header_digest) == 64),
+            "header_sha256", "a 64-character SHA-256 hex digest", header_digest)
     _check_preservation(header.get("preservation"), "preservation")
     _check_preservation(header.get("preservation_scoring"), "preservation_scoring")
     _check_metadata(header.get("metadata", {}))
@@ -320,6 +335,12 @@ def load_circuit(path: str | Path):
     if _mask_digest(masks) != header.get("mask_sha256"):
         raise CircuitFileError(f"{path}: the masks do not match their checksum "
                                "(the file was edited or damaged)")
+    # Files written before the header checksum existed have none; every newer file has one.
+    digest = header.get("header_sha256")
+    if digest is not None and digest != _header_digest(header):
+        raise CircuitFileError(f"{path}: the header does not match its checksum (a field such "
+                               "as keep or the target was edited, or the file is damaged); "
+                               "extract the circuit again")
     return Circuit(
         target=target,
         criterion=header["criterion"],

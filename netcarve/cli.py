@@ -14,6 +14,7 @@ from .cli_common import (
     device_option,
     emit,
     fail_cleanly,
+    in_run_folder,
     run_options,
     source_options,
     workers_option,
@@ -308,7 +309,7 @@ def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: fl
               show_default=True)
 @click.option("--quick", is_flag=True,
               help="A small version of every step (seconds, for checking the set-up).")
-@fail_cleanly
+@in_run_folder
 def demo(out: Path, quick: bool) -> None:
     """Run the main job on the embedded default and print the report's path."""
     from .demo import run_demo

@@ -92,6 +92,10 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
               help="Fine-tuning learning rate.")
 @click.option("--finetune-images", type=click.IntRange(min=1), default=None,
               help="Train images per fine-tuning epoch [default: the whole train split].")
+@click.option("--fold", type=click.Choice(["none", "lstsq"]), default="none",
+              show_default=True,
+              help="none: drop the pruned filters (the paper); lstsq: refit the layers they "
+                   "fed on the kept channels by ridge least squares over the scoring images.")
 @click.option("--curves/--no-curves", default=True, show_default=True,
               help="Accuracy vs filters pruned for CAR and the baselines (CSV + PNG).")
 @click.option("--curve-points", type=click.IntRange(min=2), default=5, show_default=True)
@@ -108,7 +112,7 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
 def car(model: str, layers: str | None, prune_amount: str | None, floor: float | None,
         scope: str, metric: str, classwise: bool, lazy: bool, window: int | None,
         refresh: int | None, finetune_epochs: int, lr: float, finetune_images: int | None,
-        curves: bool, curve_points: int, weights: Path | None, preset: str | None,
+        fold: str, curves: bool, curve_points: int, weights: Path | None, preset: str | None,
         images_dir: Path | None, n_images: int, n_eval: int, batch_size: int, device: str,
         seed: int, out: Path, as_json: bool) -> None:
     """CAR (classification accuracy reduction) of MODEL's filters, then greedy pruning.
@@ -178,8 +182,10 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
                           refresh=refresh, metric=metric, preset=lm.preset, engine=engine)
     files["order"] = str(greedy.save(out / "order.csv"))
     check = xe[:8] if xe.dtype != torch.uint8 else lm.preset.normalize(xe[:8])
+    probe = xs if xs.dtype != torch.uint8 else lm.preset.normalize(xs)
     pruned = prune_filters(net, greedy.masks, graph=graph, spec=lm.name, order=greedy.order,
-                           check_input=check.to(device=p.device, dtype=p.dtype))
+                           check_input=check.to(device=p.device, dtype=p.dtype), fold=fold,
+                           fold_images=probe if fold == "lstsq" else None)
     pruned.metadata.update({"model": lm.name, "weights": lm.weights or "",
                             "preset": lm.preset.to_dict()})
     files["pruned"] = str(pruned.save(out / "pruned"))

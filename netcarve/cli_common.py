@@ -4,16 +4,20 @@ modules can import them without importing the command group that registers them)
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .cli_errors import EXIT_USAGE, fail_cleanly
+from .run_folder import run_folder
 
-__all__ = ["device_option", "emit", "fail_cleanly", "run_options", "source_options",
-           "workers_option"]
+__all__ = ["device_option", "emit", "fail_cleanly", "in_run_folder", "run_options",
+           "source_options", "workers_option"]
 
 
 def emit(data: Any, as_json: bool, text: str) -> None:
@@ -56,9 +60,42 @@ def device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="auto, cpu, cuda, cuda:N or mps.")(fn)
 
 
+def command_line() -> str:
+    """The command as typed (for manifests and lock messages)."""
+    return shlex.join(["netcarve", *sys.argv[1:]])
+
+
+def in_run_folder(fn: Callable[..., Any] | None = None, *, resumable: bool = False) -> Any:
+    """Decorator: run a command whose ``out`` argument is a folder inside
+    :func:`netcarve.run_folder.run_folder` (one writer, never a mix of two runs) and inside
+    the error boundary. ``out=None`` (a command's default folder) is passed through.
+
+    Example:
+        >>> @in_run_folder
+        ... def cmd(out): ...
+    """
+    def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(body)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            out = kwargs.get("out")
+            if out is None:
+                return body(*args, **kwargs)
+            ctx = click.get_current_context(silent=True)
+            name = "-".join(ctx.command_path.split()[1:]) if ctx is not None else body.__name__
+            inputs = [v for k, v in kwargs.items() if k != "out" and isinstance(v, Path)]
+            with run_folder(out, command_line(), name=name or body.__name__,
+                            resumable=resumable, inputs=inputs):
+                return body(*args, **kwargs)
+
+        return fail_cleanly(wrapper)
+
+    return decorate if fn is None else decorate(fn)
+
+
 def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--device --seed --out --json`` (how to run and where the results go)."""
-    return _stack(fn, [
+    """``--device --seed --out --json`` (how to run and where the results go); the command
+    runs inside :func:`in_run_folder`."""
+    return _stack(in_run_folder(fn), [
         device_option,
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,

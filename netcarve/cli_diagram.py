@@ -13,7 +13,7 @@ import click
 
 from .cli_common import device_option as _device_option
 from .cli_common import emit as _emit
-from .cli_common import fail_cleanly as _fail_cleanly
+from .cli_common import in_run_folder as _in_run_folder
 
 
 def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
@@ -51,7 +51,7 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @_device_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the image draw.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_fail_cleanly
+@_in_run_folder
 def diagram(circuit: Path, out: Path, formats: list[str], model_spec: str | None,
             weights: Path | None, preset: str | None, images_dir: Path | None, n_images: int,
             top_k: int, no_pictures: bool, pruned_edges: bool, title: str | None, device: str,

@@ -26,7 +26,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import click
@@ -93,6 +93,16 @@ def classify(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def _close_progress_bars() -> None:
+    """Finish any progress bar the failed command left open, so that the error is the last
+    line on its own (an open bar would otherwise be redrawn after it when it is collected)."""
+    tqdm_module = sys.modules.get("tqdm")
+    bars = getattr(getattr(tqdm_module, "tqdm", None), "_instances", None)
+    for bar in list(bars or ()):
+        with suppress(Exception):  # a broken bar must not hide the real error
+            bar.close()
+
+
 def report(exc: BaseException, *, debug: bool | None = None) -> int:
     """Print what the user should see for ``exc`` and return the exit code.
 
@@ -104,6 +114,7 @@ def report(exc: BaseException, *, debug: bool | None = None) -> int:
         The process exit code.
     """
     debug = debug_enabled() if debug is None else debug
+    _close_progress_bars()
     verdict = classify(exc)
     if verdict is None or debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)

@@ -270,6 +270,13 @@ def _fop_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Activation-maximisation steps (descriptor 'am')."),
         click.option("--batch-size", type=click.IntRange(min=1), default=128,
                      show_default=True),
+        click.option("--fold", type=click.Choice(["lstsq", "none"]), default="lstsq",
+                     show_default=True,
+                     help="lstsq: refit the layers after the pruned ones on the kept channels "
+                          "by ridge least squares over the probe images (both methods); "
+                          "none: drop the removed filters' contributions (the paper)."),
+        click.option("--ridge", type=click.FloatRange(min=0), default=1e-2, show_default=True,
+                     help="Relative ridge penalty of --fold lstsq."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -302,9 +309,9 @@ def _run_fop(lm: Any, data: dict[str, Any], layers: str, descriptors: str, simil
 @_fail_cleanly
 def fop(model: str, layers: str, descriptors: str, similarity: str, method: str,
         threshold: float, k: int | None, keep_rule: str, n_images: int, n_eval: int,
-        finetune_images: int, am_steps: int, batch_size: int, finetune_epochs: int,
-        finetune_lr: float, weights: Path | None, preset: str | None, images_dir: Path | None,
-        device: str, seed: int, out: Path, as_json: bool) -> None:
+        finetune_images: int, am_steps: int, batch_size: int, fold: str, ridge: float,
+        finetune_epochs: int, finetune_lr: float, weights: Path | None, preset: str | None,
+        images_dir: Path | None, device: str, seed: int, out: Path, as_json: bool) -> None:
     """Functionality-oriented pruning of MODEL's --layers, against magnitude pruning of the
     same number of filters: multiply-adds and parameters removed, accuracy before and after
     fine-tuning. Writes summary.json, comparison.csv, clusters.json/.csv, clusters_LAYER.png
@@ -320,7 +327,8 @@ def fop(model: str, layers: str, descriptors: str, similarity: str, method: str,
     cmp = compare_pruning(lm.model, masks, preset=lm.preset, eval_images=data["eval_x"],
                           eval_labels=data["eval_y"], train_images=data["train_x"],
                           train_labels=data["train_y"], finetune_epochs=finetune_epochs,
-                          finetune_lr=finetune_lr, max_train_images=finetune_images, seed=seed)
+                          finetune_lr=finetune_lr, max_train_images=finetune_images, seed=seed,
+                          fold=fold, fold_images=data["probe_x"], ridge=ridge)
     out.mkdir(parents=True, exist_ok=True)
     files = {k_: str(v) for k_, v in result.save(out).items()}
     files["comparison_csv"] = str(cmp.save_csv(out / "comparison.csv"))
@@ -335,7 +343,7 @@ def fop(model: str, layers: str, descriptors: str, similarity: str, method: str,
     for row in cmp.rows:
         ft = row["accuracy_finetuned"]
         lines.append(
-            f"  {row['method']:<10} MACs -{row['macs_removed']:.1%}, params "
+            f"  {row['method']:<10} (fold {row['fold']}) MACs -{row['macs_removed']:.1%}, params "
             f"-{row['params_removed']:.1%}: accuracy {row['accuracy_original']:.2%} → "
             f"{row['accuracy_pruned']:.2%} pruned"
             + ("" if ft is None else f" → {ft:.2%} fine-tuned"))
@@ -356,7 +364,8 @@ def fop(model: str, layers: str, descriptors: str, similarity: str, method: str,
 @_fail_cleanly
 def defection(model: str, layers: str, descriptors: str, similarity: str, method: str,
               threshold: float, k: int | None, keep_rule: str, n_images: int, n_eval: int,
-              finetune_images: int, am_steps: int, batch_size: int, lrs: str, epoch_list: str,
+              finetune_images: int, am_steps: int, batch_size: int, fold: str, ridge: float,
+              lrs: str, epoch_list: str,
               drift_descriptors: str, weights: Path | None, preset: str | None,
               images_dir: Path | None, device: str, seed: int, out: Path,
               as_json: bool) -> None:
@@ -382,7 +391,8 @@ def defection(model: str, layers: str, descriptors: str, similarity: str, method
         descriptors=[d for d in drift_descriptors.split(",") if d.strip()],
         train_images=data["train_x"], train_labels=data["train_y"],
         max_train_images=finetune_images, eval_images=data["eval_x"],
-        eval_labels=data["eval_y"], am_steps=am_steps, batch_size=batch_size, seed=seed)
+        eval_labels=data["eval_y"], am_steps=am_steps, batch_size=batch_size, seed=seed,
+        fold=fold, fold_images=data["probe_x"], ridge=ridge)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = report.save_csv(out / "defection.csv")
     png_path = report.plot(out / "defection.png")

@@ -58,12 +58,15 @@ def _command_line(name: str, quick: bool, seed: int, out: Path, threads: int) ->
 def run_experiment(name: str, quick: bool, seed: int, out: Path | None,
                    threads: int) -> dict[str, Any]:
     """Run one experiment as the CLI does (progress on stderr) and return its summary."""
+    from netcarve.cli_common import command_line
     from netcarve.reproduce.report import stderr_logger
+    from netcarve.run_folder import run_folder
 
     target = out if out is not None else DEFAULT_OUT / name
-    return _runner(name)(target, quick=quick, seed=seed, threads=threads,
-                         command=_command_line(name, quick, seed, target, threads),
-                         log=stderr_logger(name))
+    with run_folder(target, command_line(), name=f"reproduce-{name}"):
+        return _runner(name)(target, quick=quick, seed=seed, threads=threads,
+                             command=_command_line(name, quick, seed, target, threads),
+                             log=stderr_logger(name))
 
 
 def _echo(results: dict[str, dict[str, Any]], as_json: bool) -> None:

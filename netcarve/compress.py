@@ -455,8 +455,16 @@ def prune_filters(
     spec: str | None = None,
     order: Sequence[tuple[str, int]] = (),
     tol: float = 1e-5,
+    fold: str = "none",
+    fold_images: torch.Tensor | None = None,
+    ridge: float = 1e-2,
 ) -> PrunedModel:
     """A new, physically smaller model without the masked filters.
+
+    With ``fold="lstsq"`` the layers fed by the pruned layers are then refitted on the kept
+    channels by ridge least squares over ``fold_images`` (:func:`netcarve.fold.fold_lstsq`),
+    so a removed filter's contribution is re-expressed through the kept ones; the equivalence
+    check above is made before the refit.
 
     Args:
         model: the original model (not changed).
@@ -469,20 +477,34 @@ def prune_filters(
         spec: how to rebuild the base architecture for :meth:`PrunedModel.save`.
         order: the pruning order, recorded in the result.
         tol: largest allowed ``max|pruned - masked| / max|masked|`` on the check input.
+        fold: ``"none"`` (drop the removed filters' contributions, the papers' pruning) or
+            ``"lstsq"`` (refit the next layers; see :mod:`netcarve.fold`).
+        fold_images: normalised probe images for ``fold="lstsq"``, separate from the images
+            the result is evaluated on.
+        ridge: the refit's relative ridge penalty (:func:`netcarve.fold.fold_lstsq`).
 
     Returns:
-        a :class:`PrunedModel` whose module is in eval mode, on the model's device and dtype.
+        a :class:`PrunedModel` whose module is in eval mode, on the model's device and dtype
+        (``metadata["fold"]`` says which fold was applied).
 
     Raises:
         CompressError: a named layer's filters cannot be removed physically (the reason is
-            given), a mask removes every filter, or the result differs from the masked model.
-        GraphError: unknown layer.
+            given), a mask removes every filter, the result differs from the masked model, or
+            an unknown fold / ``fold="lstsq"`` without ``fold_images``.
+        GraphError: unknown layer. FoldError: a layer the refit cannot handle, bad ridge.
 
     Example:
         >>> pruned = prune_filters(net, {"features.0": keep}, example_input=x)  # doctest: +SKIP
         >>> pruned.params_after < pruned.params_before  # doctest: +SKIP
         True
     """
+    from netcarve.fold import FOLDS, fold_lstsq
+
+    if fold not in FOLDS:
+        raise CompressError(f"unknown fold {fold!r}; use one of {', '.join(FOLDS)}")
+    if fold == "lstsq" and fold_images is None:
+        raise CompressError("fold='lstsq' refits the next layers on probe images: pass "
+                            "fold_images (normalised, not the evaluation images)")
     graph = _graph(model, graph, example_input)
     checked = _check_masks(graph, masks)
     for name in checked:
@@ -527,13 +549,19 @@ def prune_filters(
     new_graph = ModelGraph.build(new, x[:1])
     kept = {n: keep.nonzero().reshape(-1).tolist() for n, keep in checked.items()}
     removed = {n: (~keep).nonzero().reshape(-1).tolist() for n, keep in checked.items()}
-    return PrunedModel(
+    result = PrunedModel(
         module=new, kept=kept, removed=removed,
         params_before=count_parameters(model), params_after=count_parameters(new),
         macs_before=count_macs(model, graph), macs_after=count_macs(new, new_graph),
         input_shape=tuple(graph.input_shape), spec=spec or _base_spec(model),
         order=[(str(a), int(b)) for a, b in order], max_rel_error=err,
+        metadata={"fold": "none"},
     )
+    if fold == "lstsq":
+        assert fold_images is not None
+        result = fold_lstsq(model, result, fold_images.to(device=device, dtype=dtype),
+                            graph=graph, ridge=ridge)
+    return result
 
 
 # --------------------------------------------------------------------------- loading

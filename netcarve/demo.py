@@ -2,7 +2,8 @@
 
 Evaluates every bundled model on its real test data; extracts the circuit of one
 ``fmnist_vgg`` unit, cuts it out as a smaller module and draws its diagram with a feature
-visualisation on every node; splits that unit into sub-feature circuits; sweeps the criteria
+visualisation on every node; splits that unit into sub-feature circuits (next to random
+groups of the same sizes as the control); sweeps the criteria
 over a few units; scores one layer's filters with class-wise CAR; and writes ``index.html``
 linking every figure, table and diagram.
 """
@@ -203,28 +204,45 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
                [[r["layer"], f"{r['relevant']:,}", f"{r['kept']:,}"]
                 for r in circuit.per_layer()])
 
-    step("[4/6] sub-feature circuits")
-    rep = subcircuits(lm.model, circuit.target, scoring[:sub_images], n_groups=2,
-                      general=circuit, criterion="actgrad", keep=0.1, sub_keep=0.5, seed=0,
-                      graph=graph)
+    step("[4/6] sub-feature circuits, with random groups as the control")
+    sub_x = scoring[:sub_images]
+    rep = subcircuits(lm.model, circuit.target, sub_x, n_groups=2, general=circuit,
+                      criterion="actgrad", keep=0.1, sub_keep=0.5, seed=0, graph=graph)
+    # Control: the same images in random groups of the same sizes. Sub-circuits that hold
+    # for their own group beat the other group by more than random groups do.
+    perm = torch.randperm(len(rep.groups), generator=torch.Generator().manual_seed(1))
+    shuffled = [rep.groups[i] for i in perm.tolist()]
+    control = subcircuits(lm.model, circuit.target, sub_x, groups=shuffled, general=circuit,
+                          criterion="actgrad", keep=0.1, sub_keep=0.5, seed=0, graph=graph)
     sdir = out / "subcircuits"
     sdir.mkdir(exist_ok=True)
     for i, sc in enumerate(rep.subcircuits):
         sc.save(sdir / f"subcircuit_{i}.safetensors")
     sub_summary = rep.summary()
+    advantage = {"k-means": _own_advantage(rep), "random (control)": _own_advantage(control)}
+    sub_summary["control"] = {**control.summary(),
+                              "split": "random groups of the same sizes"}
+    sub_summary["own_group_advantage"] = advantage
     (sdir / "summary.json").write_text(json.dumps(sub_summary, indent=2, default=str))
-    page.h2("Sub-feature circuits (groups found by PCA + k-means)")
+    page.h2("Sub-feature circuits (groups found by PCA + k-means, against random groups)")
     rows = []
-    for s in sub_summary["subcircuits"]:
-        other = s["other_groups"][0] if s["other_groups"] else {}
-        rows.append([f"group {s['group']}", s["images"], f"{s['kept_kernels']:,}",
-                     f"{s['keep_vs_general']:.2f}", _fmt(s["own_group"]["pearson"]),
-                     _fmt(other.get("pearson")), _fmt(s["own_group"]["nmad"]),
-                     _fmt(other.get("nmad"))])
+    for split, report in (("k-means", rep), ("random (control)", control)):
+        for s in report.summary()["subcircuits"]:
+            other = s["other_groups"][0] if s["other_groups"] else {}
+            own_r, other_r = s["own_group"]["pearson"], other.get("pearson")
+            rows.append([f"{split} group {s['group']}", s["images"], f"{s['kept_kernels']:,}",
+                         f"{s['keep_vs_general']:.2f}", _fmt(own_r), _fmt(other_r),
+                         _fmt(None if own_r is None or other_r is None else own_r - other_r),
+                         _fmt(s["own_group"]["nmad"]), _fmt(other.get("nmad"))])
     page.table(["sub-circuit", "images", "kernels", "of general", "own-group r",
-                "other-group r", "own-group NMAD", "other-group NMAD"], rows)
+                "other-group r", "own − other", "own-group NMAD", "other-group NMAD"], rows)
+    page.p("Each group's images are halved: one half scores its sub-circuit, the other "
+           "measures it (own group) and the other sub-circuit (other group). Mean own-group "
+           f"advantage (own − other r over both sub-circuits): k-means "
+           f"{_fmt(advantage['k-means'])}, random groups {_fmt(advantage['random (control)'])}"
+           " -- the sub-features are real only where k-means clearly beats the control.")
     ious = [mat[0][1] for mat in rep.iou.values()]
-    page.p("Per-layer IoU between the two sub-circuits: " + ", ".join(
+    page.p("Per-layer IoU between the two k-means sub-circuits: " + ", ".join(
         f"{layer} {mat[0][1]:.2f}" for layer, mat in rep.iou.items()) +
         f" (mean {sum(ious) / len(ious):.2f}).")
     page.links([("summary.json", "subcircuits/summary.json")])
@@ -256,6 +274,16 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     index = out / "index.html"
     page.write(index)
     return index
+
+
+def _own_advantage(report: Any) -> float | None:
+    """Mean over sub-circuits of own-group minus other-group held-out r (None if undefined):
+    ``(r00 + r11 - r01 - r10) / 2`` for two groups."""
+    n = len(report.subcircuits)
+    diffs = [report.preservation[i][i].pearson - report.preservation[i][j].pearson
+             for i in range(n) for j in range(n) if j != i]
+    finite = [d for d in diffs if d is not None and d == d]
+    return sum(finite) / len(finite) if len(finite) == len(diffs) and diffs else None
 
 
 def _car_section(page: _Page, lm: Any, graph: ModelGraph, out: Path, n_images: int) -> None:

@@ -1106,6 +1106,37 @@ def magnitude_masks(
 # --------------------------------------------------------------------------- comparison
 
 
+def _fold_of(fold: str | dict[str, str], method: str) -> str:
+    """The fold for one method (a single fold for all, or one per method name)."""
+    from .fold import FOLDS
+
+    chosen = fold.get(method, "none") if isinstance(fold, dict) else fold
+    if chosen not in FOLDS:
+        raise FunctionalError(f"unknown fold {chosen!r} for {method!r}; use one of "
+                              f"{', '.join(FOLDS)}")
+    return chosen
+
+
+def _fold_probe(fold: str | dict[str, str], methods: Sequence[str],
+                fold_images: torch.Tensor | None, train_images: torch.Tensor | None,
+                preset: Preset, device: torch.device, dtype: torch.dtype,
+                ) -> torch.Tensor | None:
+    """Normalised probe images for the least-squares fold (None when no method folds).
+
+    Default: the first 1,000 training images (never the evaluation images)."""
+    if all(_fold_of(fold, m) == "none" for m in methods):
+        return None
+    if fold_images is None:
+        if train_images is not None:
+            fold_images = train_images[:1000]
+        else:
+            from .evaluation import reference_data
+
+            fold_images, _ = reference_data(preset, "train", limit=1000)
+    return _as_inputs(fold_images, preset).to(device=device, dtype=dtype)
+
+
+
 @dataclass
 class PruningComparison:
     """Pruned networks of several methods at the same filter counts, before and after
@@ -1149,6 +1180,9 @@ def compare_pruning(
     finetune_batch_size: int = 128,
     seed: int = 0,
     graph: ModelGraph | None = None,
+    fold: str | dict[str, str] = "lstsq",
+    fold_images: torch.Tensor | None = None,
+    ridge: float = 1e-2,
 ) -> PruningComparison:
     """Build the physically smaller network of every method and measure it.
 
@@ -1170,9 +1204,15 @@ def compare_pruning(
         finetune_batch_size: images per step.
         seed: seeds fine-tuning.
         graph: the model's graph.
+        fold: ``"lstsq"`` (refit the layers after the pruned ones by least squares, see
+            :mod:`netcarve.fold`), ``"none"`` (the papers' drop), or ``{method: fold}``
+            (methods not named: ``"none"``).
+        fold_images: probe images of the fold (uint8 or normalised; default: the first
+            1,000 training images). Keep them apart from ``eval_images``.
+        ridge: the fold's relative ridge penalty.
 
     Returns:
-        a :class:`PruningComparison`.
+        a :class:`PruningComparison` (every row says its ``fold``).
 
     Raises:
         CompressError: a layer cannot be pruned physically. FinetuneError / DataError: bad
@@ -1193,15 +1233,19 @@ def compare_pruning(
     example = _as_inputs(eval_images[:2], preset).to(device=device, dtype=dtype)
     graph = graph or ModelGraph.build(model, example[:1])
     base_acc = evaluate(model, eval_images, eval_labels, preset, device=device).accuracy
+    probe = _fold_probe(fold, list(masks), fold_images, train_images, preset, device, dtype)
     result = PruningComparison(rows=[], settings={
         "finetune_epochs": int(finetune_epochs), "finetune_lr": finetune_lr,
-        "max_train_images": max_train_images, "eval_images": len(eval_images), "seed": seed})
+        "max_train_images": max_train_images, "eval_images": len(eval_images), "seed": seed,
+        "fold_images": None if probe is None else len(probe), "ridge": ridge})
     for method, mask in masks.items():
-        pruned = prune_filters(model, mask, graph=graph, example_input=example)
+        how = _fold_of(fold, method)
+        pruned = prune_filters(model, mask, graph=graph, example_input=example, fold=how,
+                               fold_images=probe, ridge=ridge)
         acc_pruned = evaluate(pruned.module, eval_images, eval_labels, preset,
                               device=device).accuracy
         row: dict[str, Any] = {
-            "method": method,
+            "method": method, "fold": how,
             "filters_removed": {k: len(v) for k, v in pruned.removed.items()},
             "params_before": pruned.params_before, "params_after": pruned.params_after,
             "params_removed": 1 - pruned.params_after / max(1, pruned.params_before),
@@ -1381,6 +1425,9 @@ def defection(
     batch_size: int = 128,
     seed: int = 0,
     graph: ModelGraph | None = None,
+    fold: str | dict[str, str] = "lstsq",
+    fold_images: torch.Tensor | None = None,
+    ridge: float = 1e-2,
 ) -> DefectionReport:
     """Functionality defection: how fine-tuning a pruned network changes its surviving
     filters' functions.
@@ -1405,6 +1452,8 @@ def defection(
         batch_size: images per forward pass.
         seed: seeds fine-tuning and activation maximisation.
         graph: the original model's graph.
+        fold / fold_images / ridge: how the pruned networks are made (as in
+            :func:`compare_pruning`).
 
     Returns:
         a :class:`DefectionReport` (``save_csv``, ``plot``).
@@ -1434,6 +1483,8 @@ def defection(
     graph = graph or ModelGraph.build(model, probe[:1].to(device=device, dtype=dtype))
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    fold_probe = _fold_probe(fold, list(masks), fold_images, train_images, preset, device,
+                             dtype)
 
     def describe(net: nn.Module, layer: str) -> FilterDescriptors:
         return describe_filters(net, layer, probe, descriptors=kinds, preset=preset,
@@ -1442,7 +1493,9 @@ def defection(
     for method, mask in masks.items():
         track = list(layers) if layers is not None else list(mask)
         pruned = prune_filters(model, mask, graph=graph,
-                               example_input=probe[:2].to(device=device, dtype=dtype))
+                               example_input=probe[:2].to(device=device, dtype=dtype),
+                               fold=_fold_of(fold, method), fold_images=fold_probe,
+                               ridge=ridge)
         survivors = {name: pruned.kept.get(name, list(range(graph.layer(name).out_channels)))
                      for name in track}
         original = {name: describe(model, name).select(survivors[name]) for name in track}
@@ -1473,5 +1526,7 @@ def defection(
                                      "cosine": float(cos[i]), "cosine_relative": float(rel[i]),
                                      "cosine_vs_original": float(vs_orig[i])})
     meta = {"descriptors": kinds, "probe_images": len(probe), "settings": runs_settings,
-            "max_train_images": max_train_images, "seed": seed}
+            "max_train_images": max_train_images, "seed": seed,
+            "folds": {m: _fold_of(fold, m) for m in masks},
+            "fold_images": None if fold_probe is None else len(fold_probe)}
     return DefectionReport(rows, runs, meta)

@@ -102,6 +102,17 @@ def test_default_layers_text_output(tmp_path) -> None:
     assert "pruned 2 filter(s)" in res.output
 
 
+def test_fold_refits_the_next_layers(tmp_path) -> None:
+    res = run("--layers", "conv1", "--prune", "2", "--images", "20", "--eval-images", "20",
+              "--no-curves", "--fold", "lstsq", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    desc = json.loads((tmp_path / "pruned" / "architecture.json").read_text())
+    assert desc["metadata"]["fold"] == "lstsq" and desc["metadata"]["fold_images"] == 20
+    fit = desc["metadata"]["fold_fit"]["conv2"]
+    assert fit["intercept"] == "bias" and fit["columns"] == 4 * 9
+    assert fit["r2_fold"] >= fit["r2_drop"] - 1e-9
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--layers", "fc", "--prune", "1"], 2, "no filters to prune"),
     (["--layers", "conv1", "--prune", "1.5"], 2, "(0, 1)"),

@@ -167,6 +167,14 @@ MALFORMED = {
                                    "preservation.n_images"),
     "collapsed as text": (dict(edit=lambda h: h.update(collapsed="no")), "collapsed"),
     "checksum missing": (dict(edit=lambda h: h.pop("mask_sha256")), "mask_sha256"),
+    "keep edited (still valid)": (dict(edit=lambda h: h.update(keep=0.2)),
+                                  "the header does not match its checksum"),
+    "target channel edited": (dict(edit=lambda h: h["target"].update(channel=2)),
+                              "the header does not match its checksum"),
+    "preservation edited": (dict(edit=lambda h: h["preservation"].update(pearson=0.99)),
+                            "the header does not match its checksum"),
+    "header checksum not text": (dict(edit=lambda h: h.update(header_sha256=5)),
+                                 "header_sha256"),
     "float mask": (dict(tensors_edit=lambda t: t.update(
         {_first("mask/")(t): t[_first("mask/")(t)].float()})), "2-D uint8 tensor"),
     "mask of 2s": (dict(tensors_edit=lambda t: t.update(

@@ -35,6 +35,17 @@ def test_quick_demo_writes_every_section_and_linked_file(tmp_path: Path):
     assert "feature-visualisation" in kinds["features.7"]
     assert kinds["features.0"] == {"kernel"}
 
+    # sub-circuits next to their control: random groups of the same sizes, same measurements
+    sub = json.loads((index.parent / "subcircuits" / "summary.json").read_text())
+    assert sub["control"]["method"] == "given"
+    assert ([s["images"] for s in sub["control"]["subcircuits"]]
+            == [s["images"] for s in sub["subcircuits"]])
+    for key, part in (("k-means", sub), ("random (control)", sub["control"])):
+        diffs = [s["own_group"]["pearson"] - s["other_groups"][0]["pearson"]
+                 for s in part["subcircuits"]]
+        assert sub["own_group_advantage"][key] == pytest.approx(sum(diffs) / 2, abs=1e-9)
+    assert "random (control) group 0" in page
+
     car = json.loads((index.parent / "car" / "summary.json").read_text())
     rows = car["classwise"]["filters"]
     assert len(rows) == 64 and len(car["classwise"]["classes"]) == 10

@@ -240,6 +240,8 @@ def test_functional_pruning_against_magnitude_at_the_same_macs(vgg, data, tmp_pa
                           finetune_epochs=1, finetune_lr=0.005)
     assert _same(vgg.model, snap)
     rows = {r["method"]: r for r in cmp.rows}
+    assert {r["fold"] for r in cmp.rows} == {"lstsq"}  # the default: refit the next layers
+    assert cmp.settings["fold_images"] == 600  # the first (up to 1,000) training images
     assert rows["functional"]["macs_after"] == rows["magnitude"]["macs_after"]
     assert rows["functional"]["params_after"] == rows["magnitude"]["params_after"]
     assert 0 < rows["functional"]["macs_removed"] < 1

@@ -8,8 +8,12 @@ On ``fmnist_vgg``:
    threshold), and only the filter with the largest weight L1 norm survives in every cluster.
 2. **Magnitude pruning** (weight L1) removes the same number of filters from every layer, so
    both pruned networks have identical parameters and multiply-adds.
-3. Top-1 accuracy of both physically smaller networks before fine-tuning and after
-   fine-tuning with every (learning rate, epochs) setting (same seed and data for both).
+3. Each mask set twice: with the **least-squares fold** (:mod:`netcarve.fold`: the layers fed
+   by the pruned ones are refitted on the kept channels by ridge least squares over the probe
+   images, which are train images, never the evaluation images) and with the papers' plain
+   drop -- four physically smaller networks at identical multiply-adds (:data:`METHODS`).
+   Top-1 accuracy of each before fine-tuning and after fine-tuning with every
+   (learning rate, epochs) setting (same seed and data for all).
 4. **Functionality defection**: every surviving filter's descriptors before vs after each
    fine-tuning (cosine similarity, raw and layer-relative), and after fine-tuning vs the same
    filter in the unpruned network.
@@ -51,6 +55,11 @@ __all__ = [
 PAPER_FOP = {"flops_removed": 0.6888, "accuracy_drop": 0.0034}
 """Functionality-oriented pruning paper: FLOPs removed and the accuracy drop at that point."""
 
+METHODS: tuple[str, ...] = ("functional+fold", "functional", "magnitude+fold", "magnitude")
+"""The four pruned networks, all at the same multiply-adds: functional or magnitude masks,
+with the least-squares fold (:mod:`netcarve.fold`) or the papers' drop."""
+_FOLDS = {"functional+fold": "lstsq", "magnitude+fold": "lstsq"}
+
 
 @dataclass(frozen=True)
 class FopSettings:
@@ -67,6 +76,7 @@ class FopSettings:
         other_settings: the settings for the other thresholds (fewer, to save time).
         defection_probe: probe images for the defection descriptors (at most
             ``probe_images``).
+        ridge: relative ridge penalty of the least-squares fold (fitted on the probe images).
     """
 
     model: str = "fmnist_vgg"
@@ -78,6 +88,7 @@ class FopSettings:
     settings: tuple[tuple[float, int], ...] = ((0.01, 1), (0.01, 2), (0.001, 1), (0.001, 2))
     other_settings: tuple[tuple[float, int], ...] = ((0.01, 2),)
     defection_probe: int = 256
+    ridge: float = 1e-2
 
     @classmethod
     def quick(cls) -> FopSettings:
@@ -153,17 +164,21 @@ def fop_vs_magnitude(settings: FopSettings, threshold: float, *, seed: int = 0,
     counts = fop.removed_counts()
     log(f"threshold {threshold:g}: functional pruning removes {sum(counts.values())} filters "
         f"({t_fop:.0f} s)")
-    masks = {"functional": fop.masks(), "magnitude": magnitude_masks(lm.model, counts)}
+    functional, magnitude = fop.masks(), magnitude_masks(lm.model, counts)
+    masks = {m: functional if m.startswith("functional") else magnitude for m in METHODS}
+    folds = dict(_FOLDS)
     cmp = compare_pruning(lm.model, masks, preset=lm.preset, eval_images=test_x,
-                          eval_labels=test_y, finetune_epochs=0, seed=seed)
+                          eval_labels=test_y, finetune_epochs=0, seed=seed, fold=folds,
+                          fold_images=probe_x, ridge=settings.ridge)
     t0 = time.perf_counter()
     n_def = min(settings.defection_probe, settings.probe_images)
     report = defection(lm.model, masks, probe_x[:n_def], preset=lm.preset,
                        settings=grid, train_images=train_x, train_labels=train_y,
                        max_train_images=settings.finetune_images, eval_images=test_x,
-                       eval_labels=test_y, seed=seed)
+                       eval_labels=test_y, seed=seed, fold=folds, fold_images=probe_x,
+                       ridge=settings.ridge)
     t_def = time.perf_counter() - t0
-    log(f"threshold {threshold:g}: {len(grid)} fine-tuning setting(s) × 2 methods "
+    log(f"threshold {threshold:g}: {len(grid)} fine-tuning setting(s) × {len(masks)} methods "
         f"({t_def:.0f} s)")
     return {"threshold": threshold, "model": settings.model, "layers": list(settings.layers),
             "pruning": fop, "comparison": cmp, "defection": report, "counts": counts,
@@ -180,13 +195,13 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
     """MACs and parameters removed, accuracy before and after fine-tuning per method, and the
     accuracy drop of the best fine-tuned network of each method."""
     rows = _rows(res)
-    f = rows["functional"]
+    f = rows[METHODS[0]]
     runs = res["defection"].runs
     out: dict[str, Any] = {"threshold": res["threshold"], "filters_removed": res["counts"],
                            "macs_removed": f["macs_removed"],
                            "params_removed": f["params_removed"],
                            "accuracy_unpruned": f["accuracy_original"]}
-    for method in ("functional", "magnitude"):
+    for method in METHODS:
         after = {f"lr {r['lr']:g}, {r['epochs']} ep": r["accuracy_after"] for r in runs
                  if r["method"] == method}
         best = max(after.values())
@@ -197,18 +212,20 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def accuracy_markdown(res: dict[str, Any]) -> str:
-    """Accuracy of both pruned networks before and after every fine-tuning, as Markdown."""
+    """Accuracy of the pruned networks before and after every fine-tuning, as Markdown."""
     rows = _rows(res)
-    f, m = rows["functional"], rows["magnitude"]
     runs = {(r["method"], r["lr"], r["epochs"]): r for r in res["defection"].runs}
-    lines = ["| accuracy (top-1) | functional | magnitude (L1) |", "|---|---|---|",
-             f"| unpruned | {f['accuracy_original']:.2%} | {m['accuracy_original']:.2%} |",
-             f"| before fine-tuning | {f['accuracy_pruned']:.2%} | {m['accuracy_pruned']:.2%} |"]
+    lines = ["| accuracy (top-1) | " + " | ".join(METHODS) + " |",
+             "|---|" + "---|" * len(METHODS),
+             "| unpruned | " + " | ".join(f"{rows[m]['accuracy_original']:.2%}"
+                                         for m in METHODS) + " |",
+             "| before fine-tuning | " + " | ".join(f"{rows[m]['accuracy_pruned']:.2%}"
+                                                   for m in METHODS) + " |"]
     for lr, ep in res["grid"]:
-        a, b = runs[("functional", lr, ep)], runs[("magnitude", lr, ep)]
         lines.append(f"| after fine-tuning, lr {lr:g}, {ep} epoch(s) of "
-                     f"{res['finetune_images']:,} images | {a['accuracy_after']:.2%} | "
-                     f"{b['accuracy_after']:.2%} |")
+                     f"{res['finetune_images']:,} images | "
+                     + " | ".join(f"{runs[(m, lr, ep)]['accuracy_after']:.2%}"
+                                  for m in METHODS) + " |")
     return "\n".join(lines)
 
 
@@ -225,20 +242,19 @@ def _mean(rows: list[dict[str, Any]], field: str) -> float:
 
 
 def defection_markdown(res: dict[str, Any]) -> str:
-    """Mean descriptor drift of the survivors, all pruned layers pooled, as Markdown."""
+    """Mean descriptor drift of the survivors, all pruned layers pooled, as Markdown: per
+    method, before→after fine-tuning (raw / layer-relative cosine) and after vs unpruned."""
     pooled = _pooled(res)
-    lines = ["| descriptor | setting | functional: before→after (raw / relative) | "
-             "magnitude: before→after (raw / relative) | functional: vs unpruned | "
-             "magnitude: vs unpruned |", "|---|---|---|---|---|---|"]
+    lines = ["| descriptor | setting | " + " | ".join(
+        f"{m}: before→after (raw / relative) | {m}: vs unpruned" for m in METHODS) + " |",
+        "|---|---|" + "---|---|" * len(METHODS)]
     for kind in ("class_preference", "profile"):
         for lr, ep in res["grid"]:
             cells = []
-            for method in ("functional", "magnitude"):
+            for method in METHODS:
                 rows = pooled.get((kind, lr, ep, method), [])
                 cells.append(f"{_mean(rows, 'cosine'):.3f} / "
                              f"{_mean(rows, 'cosine_relative'):.3f}")
-            for method in ("functional", "magnitude"):
-                rows = pooled.get((kind, lr, ep, method), [])
                 cells.append(f"{_mean(rows, 'cosine_vs_original'):.3f}")
             lines.append(f"| {kind} | lr {lr:g}, {ep} ep | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -247,16 +263,16 @@ def defection_markdown(res: dict[str, Any]) -> str:
 def per_layer_markdown(res: dict[str, Any]) -> str:
     """Per layer: mean (min) layer-relative class-preference cosine, first setting."""
     lr0, ep0 = res["grid"][0]
-    lines = ["| layer | functional | magnitude (L1) |", "|---|---|---|"]
+    lines = ["| layer | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     for layer in res["layers"]:
         cells = []
-        for method in ("functional", "magnitude"):
+        for method in METHODS:
             vals = [r["cosine_relative"] for r in res["defection"].rows if r["layer"] == layer
                     and r["method"] == method and r["descriptor"] == "class_preference"
                     and (r["lr"], r["epochs"]) == (lr0, ep0)
                     and math.isfinite(r["cosine_relative"])]
             cells.append(f"{sum(vals) / len(vals):.3f} (min {min(vals):.3f})" if vals else "—")
-        lines.append(f"| {layer} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -318,8 +334,12 @@ def _write_report(rep: Report, settings: FopSettings, results: list[dict[str, An
                   heads: list[dict[str, Any]]) -> None:
     rep.p("Functionality-oriented pruning removes filters that repeat another filter's "
           "function, whatever their weight magnitude; magnitude pruning removes the same "
-          "number of filters per layer by smallest weight L1 norm, so the two networks have "
-          "the same parameters and multiply-adds.")
+          "number of filters per layer by smallest weight L1 norm, so the networks have "
+          "the same parameters and multiply-adds. Each mask set is applied twice: '+fold' "
+          "refits the layers fed by the pruned ones on the kept channels by ridge least "
+          "squares over the probe images (a removed filter's contribution re-expressed "
+          "through the kept ones), the plain variant drops the removed filters' "
+          "contributions as the paper does.")
     rep.h2("Setting")
     rep.bullets([
         f"Model {settings.model}; pruned layers {', '.join(settings.layers)}.",
@@ -327,9 +347,12 @@ def _write_report(rep: Report, settings: FopSettings, results: list[dict[str, An
         "random train images; similarity = cosine of the layer-relative descriptors; "
         "agglomerative clustering (average linkage) at the threshold; the filter with the "
         "largest weight L1 norm stays in every cluster.",
+        f"Fold: ridge least squares (relative penalty {settings.ridge:g}) of every layer fed "
+        f"by a pruned layer, on the same {settings.probe_images:,} probe images, layer by "
+        "layer in execution order; the target is the unpruned layer's raw output.",
         f"Accuracy on the first {settings.eval_images:,} test images. Fine-tuning: "
         f"{settings.finetune_images:,} train images per epoch, SGD + Nesterov, cosine "
-        "schedule, flips and shifts, same seed and data for both methods.",
+        "schedule, flips and shifts, same seed and data for every network.",
         "Defection: descriptors of every surviving filter on "
         f"{min(settings.defection_probe, settings.probe_images)} "
         "probe images, before vs after fine-tuning (cosine; raw and z-scored over the "
@@ -340,7 +363,7 @@ def _write_report(rep: Report, settings: FopSettings, results: list[dict[str, An
     rep.h2("Headline: multiply-adds removed and accuracy drop")
     rows = []
     for h in heads:
-        for method in ("functional", "magnitude"):
+        for method in METHODS:
             rows.append([f"{h['threshold']:g}", method, f"{h['macs_removed']:.1%}",
                          f"{h['params_removed']:.1%}", f"{h['accuracy_unpruned']:.2%}",
                          f"{h[method]['before_finetuning']:.2%}",
@@ -353,7 +376,7 @@ def _write_report(rep: Report, settings: FopSettings, results: list[dict[str, An
     for res, h in zip(results, heads, strict=True):
         t = f"{res['threshold']:g}"
         rep.h2(f"Threshold {t}")
-        cmp = _rows(res)["functional"]
+        cmp = _rows(res)[METHODS[0]]
         rep.p("Filters removed: " + ", ".join(
             f"{layer} {n}/{res['pruning'].layers[layer].keep.numel()}"
             for layer, n in res["counts"].items())

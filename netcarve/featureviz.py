@@ -59,6 +59,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .data.stream import Images, as_stream
 from .errors import NetcarveError
 from .graph import ModelGraph
 from .hooks import capture, preserved_state, stop_at
@@ -1121,7 +1122,7 @@ def to_display(images: torch.Tensor, preset: Preset | None = None) -> list[np.nd
 def dataset_examples(
     model: nn.Module,
     layer: str,
-    images: torch.Tensor,
+    images: Images,
     *,
     channels: Sequence[int] | None = None,
     top_k: int = 9,
@@ -1139,7 +1140,8 @@ def dataset_examples(
     Args:
         model: the model (comes back unchanged).
         layer: a conv or linear layer.
-        images: normalised images ``[N, C, H, W]``.
+        images: normalised images ``[N, C, H, W]``, or a stream of them (DataLoader or
+            iterable of batches, read once; indices count images in stream order).
         channels: channels to search for (default all).
         top_k: images per channel (clipped to N).
         reduce: ``"max"`` (default) or ``"mean"`` over positions.
@@ -1160,18 +1162,21 @@ def dataset_examples(
         >>> ex.indices.shape  # doctest: +SKIP
         torch.Size([1, 4])
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+    if isinstance(images, torch.Tensor) and (images.dim() != 4 or len(images) == 0):
         raise FeatureVizError("dataset_examples needs a non-empty [N, C, H, W] image tensor")
+    stream = as_stream(images)
     if int(top_k) < 1:
         raise FeatureVizError(f"top_k must be >= 1, got {top_k}")
     if reduce not in ("max", "mean"):
         raise FeatureVizError(f"reduce must be 'max' or 'mean', got {reduce!r}")
     device, dtype = _device_dtype(model)
+    first = stream.first(device=device, dtype=dtype)
     if graph is None:
-        graph = ModelGraph.build(model, images[:1].to(device=device, dtype=dtype))
+        graph = ModelGraph.build(model, first)
     info = graph.layer(layer)
     chans = graph._channels(layer, channels)
-    k = min(int(top_k), len(images))
+    k = int(top_k)  # fewer when the stream has fewer images
+    lo = 0
     best_v = best_i = best_p = None
     sel = torch.tensor(chans, device=device)
     with preserved_state(model), ExitStack() as stack:
@@ -1179,8 +1184,8 @@ def dataset_examples(
         if circuit is not None:
             stack.enter_context(circuit.masked(model, graph))
         with stop_at(model, layer) as run:
-            for lo in range(0, len(images), batch_size):
-                z = run(images[lo : lo + batch_size].to(device=device, dtype=dtype))
+            for xb in stream.images(batch_size, device=device, dtype=dtype):
+                z = run(xb)
                 z = z.index_select(1, sel).float()
                 z = z.reshape(z.shape[0], z.shape[1], -1)
                 peak_v, peak_p = z.max(dim=2)
@@ -1193,6 +1198,8 @@ def dataset_examples(
                 order = torch.sort(vals, dim=0, descending=True, stable=True).indices[:k]
                 best_v, best_i = vals.gather(0, order), idx.gather(0, order)
                 best_p = peak_p.gather(0, order)
+                lo += len(xb)
+    k = best_v.shape[0] if best_v is not None else 0
     assert best_v is not None and best_i is not None and best_p is not None
     width = info.output_shape[2] if len(info.output_shape) == 3 else 1
     flat = best_p.t().cpu()  # [C, k]
@@ -1203,7 +1210,7 @@ def dataset_examples(
         full = receptive_field(graph, layer, flat_pos, clip=False).reshape(  # type: ignore[union-attr]
             len(chans), k, 4)
     else:
-        boxes = torch.tensor([0, 0, *images.shape[-2:]]).expand(len(chans), k, 4).clone()
+        boxes = torch.tensor([0, 0, *first.shape[-2:]]).expand(len(chans), k, 4).clone()
         full = boxes.clone()
     return DatasetExamples(layer=layer, channels=chans, values=best_v.t().cpu(),
                            indices=best_i.t().cpu(), positions=positions, boxes=boxes,

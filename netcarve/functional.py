@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._csv import write_rows
+from .data.stream import Images, as_stream
 from .errors import NetcarveError
 from .graph import ModelGraph
 from .hooks import preserved_state, resolve_module
@@ -166,7 +167,7 @@ def _cosine_matrix(a: torch.Tensor, b: torch.Tensor | None = None, *, center: bo
 def class_preference(
     model: nn.Module,
     layer: str,
-    images: torch.Tensor,
+    images: Images,
     *,
     preset: Preset | None = None,
     batch_size: int = 128,
@@ -183,7 +184,8 @@ def class_preference(
     Args:
         model: the classifier (comes back unchanged).
         layer: a conv or linear layer.
-        images: probe images, normalised floats or uint8 (with ``preset``).
+        images: probe images, normalised floats or uint8 (with ``preset``), or a stream of
+            them (DataLoader or iterable of batches, read once).
         preset: the model's preset (for uint8 images).
         batch_size: images per forward pass.
         graph: the model's graph (only used to check the layer name).
@@ -200,7 +202,9 @@ def class_preference(
         ...     # doctest: +SKIP
         torch.Size([64, 10])
     """
-    x_all = _as_inputs(images, preset)
+    if isinstance(images, torch.Tensor):
+        _as_inputs(images, preset)  # the tensor checks and their messages
+    stream = as_stream(images, preset=preset)
     if graph is not None:
         graph.layer(layer)
     module = resolve_module(model, layer)
@@ -213,14 +217,15 @@ def class_preference(
         return leaf.clone()  # not a leaf: a following in-place ReLU may overwrite it
 
     total: torch.Tensor | None = None
+    seen = 0
     with preserved_state(model), torch.enable_grad():
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         handle = module.register_forward_hook(hook)
         try:
-            for lo in range(0, len(x_all), batch_size):
-                xb = x_all[lo : lo + batch_size].to(device=device, dtype=dtype)
+            for xb in stream.images(batch_size, device=device, dtype=dtype):
+                seen += len(xb)
                 logits = model(xb)
                 if logits.dim() != 2:
                     raise FunctionalError(f"the model returns shape {tuple(logits.shape)}, "
@@ -236,8 +241,9 @@ def class_preference(
                 total = part if total is None else total + part
         finally:
             handle.remove()
-    assert total is not None
-    return total / len(x_all)
+    if total is None:
+        raise FunctionalError("no probe images: the stream yielded no batch")
+    return total / seen
 
 
 def _class_preference_loop(model: nn.Module, layer: str, images: torch.Tensor, *,

@@ -221,3 +221,22 @@ def test_evaluate_on_a_loader_equals_evaluate_on_tensors():
 def test_stream_object_passes_through_as_stream():
     s = ImageStream(torch.zeros(2, 1, 2, 2))
     assert as_stream(s) is s
+
+
+def test_dataset_examples_and_class_preference_on_a_loader_equal_the_tensor_results():
+    from netcarve.featureviz import dataset_examples
+    from netcarve.functional import class_preference
+
+    model, _ = make("plain", seed=0, double=False)
+    x = torch.randn(21, 3, 8, 8)
+    want = dataset_examples(model, "features.4", x, top_k=4, batch_size=5)
+    got = dataset_examples(model, "features.4", _loader(x, batch_size=5), top_k=4)
+    assert torch.equal(got.indices, want.indices)  # random floats: no tied activations
+    assert torch.allclose(got.values, want.values, rtol=0, atol=1e-6)
+    assert torch.equal(got.boxes, want.boxes)
+    few = dataset_examples(model, "features.4", _loader(x[:3], batch_size=2), top_k=9)
+    assert few.indices.shape == (6, 3)
+    pref = class_preference(model, "features.4", _loader(x, batch_size=4))
+    ref = class_preference(model, "features.4", x, batch_size=8)
+    assert pref.shape == (6, 3)
+    assert torch.allclose(pref, ref, rtol=1e-5, atol=1e-9)

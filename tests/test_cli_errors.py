@@ -3,6 +3,7 @@ code; bugs keep their traceback and ask to be reported; ``--debug`` shows every 
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -29,10 +30,17 @@ TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def circuit():
+def _extracted():
     net, _ = make("plain", double=False)
     x = net.example_input(8)
     return extract(net, "features.4:1", x, keep=0.5)
+
+
+@pytest.fixture
+def circuit(_extracted):
+    # Tests edit the header (metadata) on purpose; each gets its own copy so that no edit
+    # leaks into the next test (pytest-xdist orders tests differently on every machine).
+    return copy.deepcopy(_extracted)
 
 
 def _run(*args: str, canary: Path) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from .cli_common import (
     source_options,
     workers_option,
 )
-from .cli_errors import DEBUG_META
+from .cli_errors import DEBUG_META, EXIT_INTERRUPTED, one_line
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -333,9 +333,40 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="netcarve")
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run ``netcarve ARGV`` and exit with its code.
+
+    Click's own usage errors (unknown option, bad value, missing argument) are printed as
+    the one ``error:`` line every netcarve error is, with the command's ``--help`` named,
+    instead of click's multi-line usage block.
+
+    Args:
+        argv: the arguments after ``netcarve`` (default: ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit: always, with 0 on success, 2 for a usage error, 130 when interrupted.
+
+    Example:
+        >>> main(["--version"])  # doctest: +SKIP
+    """
+    try:
+        code = cli.main(args=argv, prog_name="netcarve", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # plain `netcarve`: the help is the answer
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        raise SystemExit(0) from None
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "netcarve"
+        click.echo(f"error: {one_line(exc.format_message())} (see '{where} --help')", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        click.echo(f"error: {one_line(exc.format_message())}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except click.Abort:  # Ctrl-C inside a click prompt or before a command started
+        click.echo("error: interrupted", err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    # standalone_mode=False returns the command's return value (None) or the code of
+    # ctx.exit(); commands that fail raise SystemExit themselves.
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

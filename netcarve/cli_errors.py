@@ -93,6 +93,35 @@ def classify(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def one_line(message: str) -> str:
+    """``message`` on one line: lines joined by spaces, "- " list items by "; ".
+
+    Every error netcarve prints is one line, so that it is the last line of the output and a
+    script can read it with ``tail -1``; messages built from lists stay readable.
+
+    Example:
+        >>> one_line("not found. Looked in:\n  - /a\n  - /b\nSet X.")
+        'not found. Looked in: /a; /b. Set X.'
+    """
+    out = ""
+    in_list = False
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        item = line.startswith(("- ", "* "))
+        if item:
+            line = line[2:].strip()
+        if not out:
+            out = line
+        elif item and in_list:
+            out += "; " + line
+        else:
+            out += (". " if in_list and not item else " ") + line
+        in_list = item
+    return out
+
+
 def _close_progress_bars() -> None:
     """Finish any progress bar the failed command left open, so that the error is the last
     line on its own (an open bar would otherwise be redrawn after it when it is collected)."""
@@ -120,7 +149,7 @@ def report(exc: BaseException, *, debug: bool | None = None) -> int:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     if verdict is not None:
         code, message = verdict
-        click.echo(f"error: {message}", err=True)
+        click.echo(f"error: {one_line(message)}", err=True)
         return code
     from . import __version__
 

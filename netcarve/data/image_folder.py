@@ -29,6 +29,12 @@ DEFAULT_EXTENSIONS: tuple[str, ...] = (
 
 _PIL_MODE = {1: "L", 3: "RGB"}
 
+#: Largest image (width × height) decoded; a bigger one is refused before its pixels are read.
+#: 64 megapixels is an 8000 × 8000 photo, far above what a CNN input is resized from, and
+#: keeps one decoded RGB image under 200 MB (a tiny "decompression bomb" PNG can otherwise
+#: claim gigabytes).
+MAX_PIXELS = 64_000_000
+
 
 @dataclass(frozen=True)
 class ImageFolderData:
@@ -105,6 +111,12 @@ def _resize(image: Image.Image, preset: Preset) -> Image.Image:
 
 def _read_image(path: Path, mode: str, preset: Preset) -> np.ndarray:
     with Image.open(path) as im:
+        width, height = im.size  # read from the header, before any pixel is decoded
+        if width * height > MAX_PIXELS:
+            raise DataError(
+                f"{width}×{height} pixels is over the limit of {MAX_PIXELS:,} "
+                "(netcarve.data.image_folder.MAX_PIXELS); shrink the image or raise the limit"
+            )
         im.load()  # decode now so truncated/corrupt files fail here, inside the try
         converted = im.convert(mode)
     array = np.array(_resize(converted, preset), dtype=np.uint8)  # a writable copy
@@ -112,7 +124,15 @@ def _read_image(path: Path, mode: str, preset: Preset) -> np.ndarray:
 
 
 def _describe_failure(path: Path, exc: Exception) -> str:
-    return f"{path}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, DataError):
+        return f"{path}: {exc}"
+    # One line whatever PIL says (some of its messages span lines).
+    reason = " ".join(str(exc).split()) or "unreadable"
+    return f"{path}: {type(exc).__name__}: {reason}"
+
+
+#: How many unreadable files an error names before summarising the rest.
+_NAMED_FAILURES = 5
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -247,11 +267,13 @@ def load_image_folder(
         try:
             arrays.append(_read_image(file, dataset._mode, preset))
         except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-            bad.append(f"  - {_describe_failure(file, exc)}")
+            bad.append(_describe_failure(file, exc))
     if bad:
+        named = "; ".join(bad[:_NAMED_FAILURES])
+        more = f"; and {len(bad) - _NAMED_FAILURES} more" if len(bad) > _NAMED_FAILURES else ""
         raise DataError(
-            f"{len(bad)} of {len(dataset)} images in {dataset.root} could not be read:\n"
-            + "\n".join(bad)
+            f"{len(bad)} of {len(dataset)} images in {dataset.root} could not be read "
+            f"(remove or replace them): {named}{more}"
         )
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ImageFolderData(

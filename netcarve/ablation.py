@@ -62,6 +62,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from netcarve.data.stream import require_finite
 from netcarve.errors import DataError, NetcarveError
 from netcarve.graph import GraphError, ModelGraph
 from netcarve.hooks import apply_filter_masks, preserved_state
@@ -524,6 +525,7 @@ def _prepare(images: torch.Tensor, labels: torch.Tensor,
         raise DataError(f"{len(images)} images but {len(labels)} labels")
     if images.dtype == torch.uint8 and preset is None:
         raise DataError("uint8 images need a preset to be normalised (pass preset=...)")
+    require_finite(images)
     return images, labels.long()
 
 

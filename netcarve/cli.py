@@ -103,6 +103,7 @@ def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: P
              as_json: bool) -> None:
     """Measure top-1 accuracy of MODEL (zoo name or package.module:factory)."""
     from .data import ImageFolderDataset, image_folder_loader
+    from .errors import DataError
     from .evaluation import evaluate as run_evaluate
     from .evaluation import reference_data
     from .zoo import load_model
@@ -111,6 +112,15 @@ def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: P
     y = None
     if images_dir is not None:
         folder = ImageFolderDataset(images_dir, lm.preset)
+        if lm.preset.class_names and not folder.matches_preset:
+            # Accuracy against labels numbered by sorted folder name would be a number
+            # without meaning; say how to make the labels line up instead.
+            raise DataError(
+                f"the class folders of {images_dir} ({', '.join(folder.folder_classes[:6])}"
+                f"{', …' if len(folder.folder_classes) > 6 else ''}) are not all among "
+                f"{lm.name}'s classes ({', '.join(lm.preset.class_names)}): name each "
+                "sub-folder after the class it holds so that labels match the model's outputs"
+            )
         n = len(folder) if limit is None else min(limit, len(folder))
         x = image_folder_loader(folder, batch_size=batch_size, workers=workers,
                                 indices=range(n))

@@ -104,21 +104,26 @@ def one_line(message: str) -> str:
         'not found. Looked in: /a; /b. Set X.'
     """
     out = ""
-    in_list = False
+    depth: int | None = None  # indentation of the previous line when it was a list item
     for raw in message.splitlines():
         line = raw.strip()
         if not line:
             continue
+        indent = len(raw) - len(raw.lstrip())
         item = line.startswith(("- ", "* "))
         if item:
             line = line[2:].strip()
         if not out:
             out = line
-        elif item and in_list:
+        elif out.endswith(":"):
+            out += " " + line
+        elif item and depth is not None and indent >= depth:
             out += "; " + line
+        elif depth is not None:  # a list just ended (or went back up a level)
+            out += ("" if out.endswith(".") else ".") + " " + line
         else:
-            out += (". " if in_list and not item else " ") + line
-        in_list = item
+            out += " " + line
+        depth = indent if item else None
     return out
 
 

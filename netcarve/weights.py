@@ -31,6 +31,7 @@ import re
 import struct
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,10 @@ def _torch_load(path: Path) -> Any:
     try:
         # Pass an open file, not the path: recent torch versions treat a path ending in
         # ".safetensors" specially, and the content has already told us this is not one.
-        with path.open("rb") as fh:
+        with path.open("rb") as fh, warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the file is either read
+            # safely or refused below with a message of our own, so the warning adds noise.
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = f"{exc}\n{exc.__context__ or ''}"
@@ -285,9 +289,9 @@ def _shape(t: torch.Tensor) -> list[int]:
 
 def _listing(title: str, items: list[str]) -> str:
     shown = items[:_MAX_LISTED]
-    more = f"\n    … and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
-    body = "".join(f"\n    {item}" for item in shown)
-    return f"  {len(items)} {title}:{body}{more}"
+    more = f"\n    - … and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    body = "".join(f"\n    - {item}" for item in shown)
+    return f"- {len(items)} {title}:{body}{more}"
 
 
 def _prefix_hint(missing: list[str], unexpected: list[str]) -> str | None:
@@ -325,7 +329,8 @@ def load_weights(
         path_or_state_dict: a weight file (see :func:`read_state_dict`) or a mapping of
             names to tensors (normalised the same way: unwrapped, ``"module."`` stripped).
         strict: if True, missing and unexpected keys are errors; if False they are
-            ignored (shape conflicts are always errors).
+            ignored (shape conflicts and integer/bool values for a floating-point
+            parameter are always errors; other floating dtypes are cast).
 
     Returns:
         ``model`` itself, now holding the weights.
@@ -355,6 +360,7 @@ def load_weights(
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     conflicts: list[str] = []
+    wrong_kind: list[str] = []
     for key, target in expected.items():
         if key not in state or nn.parameter.is_lazy(target):
             continue
@@ -362,8 +368,15 @@ def load_weights(
             conflicts.append(
                 f"{key}: model expects {_shape(target)}, {holder} has {_shape(state[key])}"
             )
+        elif target.is_floating_point() and not state[key].is_floating_point():
+            # float16/bfloat16/float64 weights are cast like torch does; integers or bools in
+            # a float parameter are never weights that were trained for it.
+            wrong_kind.append(
+                f"{key}: model expects floating point ({str(target.dtype)[6:]}), "
+                f"{holder} has {str(state[key].dtype)[6:]}"
+            )
 
-    if conflicts or (strict and (missing or unexpected)):
+    if conflicts or wrong_kind or (strict and (missing or unexpected)):
         lines = [f"weights from {source} do not fit {type(model).__name__}:"]
         if strict and missing:
             lines.append(_listing("missing key(s) (in the model, not in the weights)", missing))
@@ -373,6 +386,8 @@ def load_weights(
             )
         if conflicts:
             lines.append(_listing("shape conflict(s)", conflicts))
+        if wrong_kind:
+            lines.append(_listing("dtype conflict(s)", wrong_kind))
         hint = _prefix_hint(missing, unexpected) if strict else None
         if hint:
             lines.append(f"note: {hint}")

@@ -63,8 +63,11 @@ def _name_key(name: str) -> str:
 
 
 def _preset_order(folder_classes: list[str], preset_classes: tuple[str, ...]) -> list[int] | None:
-    """Label index of each folder class in the preset's order, or None if the sets differ."""
-    if not preset_classes or len(folder_classes) != len(preset_classes):
+    """Label index of each folder class in the preset's order, or None if one does not match.
+
+    The folder may hold a subset of the preset's classes (a folder with only "Bag" and
+    "Sneaker" still labels them 8 and 7, as the model's outputs are numbered)."""
+    if not preset_classes or len(folder_classes) > len(preset_classes):
         return None
     preset_index = {_name_key(name): i for i, name in enumerate(preset_classes)}
     if len(preset_index) != len(preset_classes):
@@ -153,6 +156,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         paths: source file of each item.
         labels: int64 ``[N]`` label of each item.
         class_names: one name per label index (label order as in :func:`load_image_folder`).
+        folder_classes: the class sub-folders found, sorted.
+        matches_preset: every folder is named after one of the preset's classes, so labels
+            are the model's output indices.
 
     Raises:
         DataError: missing folder, no class sub-folders or no images (at construction);
@@ -189,6 +195,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 f"no images with extensions {', '.join(sorted(suffixes))}"
             )
         mapping = _preset_order(folder_classes, preset.class_names)
+        self.folder_classes: tuple[str, ...] = tuple(folder_classes)
+        self.matches_preset = mapping is not None
         if mapping is None:
             self.class_names = tuple(folder_classes)
             labels = [folder_index for _, folder_index in files]
@@ -237,9 +245,9 @@ def load_image_folder(
     are ignored. The whole folder is held in memory: for large folders stream it with
     :class:`ImageFolderDataset` / :func:`netcarve.data.stream.image_folder_loader`.
 
-    Label order: if the folder names are the same set as ``preset.class_names``
-    (compared case-insensitively on letters and digits only, so ``T-shirt_top`` matches
-    ``T-shirt/top``), labels follow the preset's order and ``class_names`` is the
+    Label order: if every folder is named after one of ``preset.class_names`` (all of them
+    or a subset; compared case-insensitively on letters and digits only, so ``T-shirt_top``
+    matches ``T-shirt/top``), labels follow the preset's order and ``class_names`` is the
     preset's, so labels line up with the model's logits. Otherwise labels follow the
     sorted folder names and ``class_names`` is that sorted list.
 

@@ -38,12 +38,51 @@ __all__ = [
     "as_stream",
     "fingerprint_batches",
     "image_folder_loader",
+    "require_finite",
 ]
 
 # What an ``images`` argument may be.
 Images = Union[torch.Tensor, "ImageStream", Iterable[Any]]
 
 _HASH_SLICE = 1024  # images hashed per update, so a large tensor is never copied whole
+
+
+def require_finite(images: torch.Tensor, offset: int | None = 0) -> torch.Tensor:
+    """Refuse images holding NaN or ±inf; return ``images`` unchanged otherwise.
+
+    One NaN pixel makes every activation downstream NaN, so scores, correlations and CAR
+    would all come out NaN (or, through max/argmax, silently arbitrary). netcarve refuses
+    such data instead of propagating it.
+
+    Args:
+        images: a batch ``[N, C, H, W]`` (integer batches always pass).
+        offset: index of the batch's first image in the whole data (for the message);
+            None when unknown (a batch of a loader).
+
+    Returns:
+        ``images``.
+
+    Raises:
+        DataError: naming how many images are affected and the first one.
+
+    Example:
+        >>> require_finite(torch.zeros(2, 1, 4, 4)).shape
+        torch.Size([2, 1, 4, 4])
+    """
+    if not images.is_floating_point():
+        return images
+    finite = torch.isfinite(images).flatten(1).all(dim=1) if images.dim() > 1 else \
+        torch.isfinite(images)
+    if bool(finite.all()):
+        return images
+    bad = (~finite).nonzero().flatten()
+    first = (f"image {int(bad[0])} of a batch" if offset is None
+             else f"image {offset + int(bad[0])}")
+    raise DataError(
+        f"{len(bad)} image(s) contain NaN or infinite values (the first is {first}); "
+        "they would make every score NaN: replace or drop them "
+        "(e.g. images[torch.isfinite(images).flatten(1).all(1)])"
+    )
 
 
 class _Fingerprint:
@@ -137,6 +176,7 @@ class ImageStream:
                                 f"{tuple(source.shape)}")
             if labels is not None and len(labels) != len(source):
                 raise DataError(f"{len(source)} images but {len(labels)} labels")
+            require_finite(source)  # here, so the message counts images of the whole tensor
             self.tensor: torch.Tensor | None = source
             self.labels = labels
             self._count = len(source)
@@ -226,7 +266,7 @@ class ImageStream:
 
     # ------------------------------------------------------------------ reading
 
-    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+    def _normalised(self, x: torch.Tensor, offset: int | None = 0) -> torch.Tensor:
         if x.dtype == torch.uint8:
             if self.preset is None:
                 raise DataError("uint8 images need the model's preset to be normalised: pass "
@@ -234,7 +274,7 @@ class ImageStream:
             return self.preset.normalize(x)
         if not x.is_floating_point():
             raise DataError(f"images must be float (normalised) or uint8, got {x.dtype}")
-        return x
+        return require_finite(x, offset)
 
     def _read_one(self, item: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if item is None:
@@ -254,13 +294,13 @@ class ImageStream:
                             f"{tuple(images.shape)}")
         if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
             labels = None  # not class labels (e.g. masks or paths): ignore them
-        return self._normalised(images), labels
+        return self._normalised(images, None), labels
 
     def _raw(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         if self.tensor is not None:
             for lo in range(0, len(self.tensor), batch_size):
                 y = None if self.labels is None else self.labels[lo:lo + batch_size]
-                yield self._normalised(self.tensor[lo:lo + batch_size]), y
+                yield self._normalised(self.tensor[lo:lo + batch_size], lo), y
             return
         if self._one_shot and self._passes > 1:
             raise DataError(

@@ -1,9 +1,10 @@
 """Write the tested-cases tables of docs/robustness.md from the tests' own expectations.
 
 The tables between the ``<!-- cases:begin -->`` and ``<!-- cases:end -->`` markers are generated
-from the case lists in ``tests/test_cli_errors.py``, so the document cannot claim a case the
-tests do not check. ``tests/test_cli_errors.py::test_robustness_doc_lists_the_tested_cases``
-fails when the document is out of date; regenerate with::
+from the case lists in ``tests/test_cli_errors.py`` and ``tests/test_hostile_inputs.py``, so
+the document cannot claim a case the tests do not check.
+``tests/test_cli_errors.py::test_robustness_doc_lists_the_tested_cases`` fails when the
+document is out of date; regenerate with::
 
     .venv/bin/python scripts/robustness_table.py
 """
@@ -52,6 +53,17 @@ def tables() -> str:
               "", "### Devices (`--device` on a machine without CUDA: exit 2, one line)", "",
               "| --device | message contains |", "|---|---|"]
     lines += [f"| {_cell(device)} | {_cell(text)} |" for device, text in t.DEVICE_CASES]
+    import test_hostile_inputs as h
+
+    lines += ["", "### Hostile and mistaken inputs (`tests/test_hostile_inputs.py`)",
+              "", "Each row: exit code, and the text of the one `error:` line (for exit 0: of the "
+              "output). A failed run leaves no output folder; a pickle payload never runs; the "
+              "bundled weights are unchanged."]
+    for title, cases in h.SECTIONS.items():
+        lines += ["", f"#### {title}", "", "| case | arguments | exit | message contains |",
+                  "|---|---|---|---|"]
+        lines += [f"| {case} | {_cell(args)} | {code} | {_cell(text)} |"
+                  for case, args, code, text in cases]
     return "\n".join(lines) + "\n"
 
 

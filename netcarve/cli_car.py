@@ -207,16 +207,17 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     curve_report: CurveReport | None = None
     if curves:
         curve_report = CurveReport()
-        for i, name in enumerate(names):
+        for name in names:
             target = len(greedy.removed(name))
             if target == 0:
                 continue
             ks = _curve_counts(target, curve_points)
-            alone = len(names) == 1 or (scope == "layer" and i == 0)
             log(f"curves for {name}: {ks} filters ...")
             compare_methods(net, name, score_images=xs, score_labels=ys, eval_images=xe,
                             eval_labels=ye, counts=ks, methods=("car", *BASELINES),
-                            car_order=greedy.removed(name) if alone else None,
+                            # The greedy order already computed, never a second greedy run
+                            # (with several layers: this layer's part of the joint order).
+                            car_order=greedy.removed(name),
                             preset=lm.preset, graph=graph, batch_size=batch_size, seed=seed,
                             finetune_epochs=finetune_epochs, finetune_at=[target], lr=lr,
                             finetune_images=ft_x, finetune_labels=ft_y,

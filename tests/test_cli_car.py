@@ -137,3 +137,24 @@ def test_empty_image_folder(tmp_path) -> None:
                                    "--images-dir", str(tmp_path / "imgs"),
                                    "--out", str(tmp_path / "o")])
     assert res.exit_code == 3, res.output
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_curves_reuse_the_greedy_order_and_never_rerun_greedy(tmp_path, monkeypatch,
+                                                               scope) -> None:
+    import netcarve.car
+
+    calls = []
+    real = netcarve.car.greedy_prune
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(netcarve.car, "greedy_prune", counting)
+    res = run("--layers", "conv1,conv2", "--prune", "0.5", "--scope", scope, "--lazy",
+              "--images", "30", "--eval-images", "20", "--curve-points", "2",
+              "--batch-size", "30", "--out", str(tmp_path / "o"), "--json")
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1, f"greedy ran {len(calls)} times; the curves must reuse its order"
+    assert (tmp_path / "o" / "curves.csv").is_file()

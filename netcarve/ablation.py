@@ -167,6 +167,8 @@ class ForwardCounts:
         prefix_images: images through prefix passes.
         suffix_items: items (removal × image) through suffix passes.
         skipped_items: items left out because they were bitwise unchanged before the next layer.
+        shortcut_items: items whose next layer's output came from the linear shortcut (the
+            unablated output minus the removed channels' contributions) instead of the layer.
         naive_passes: full passes a naive loop would run for the same evaluation (one per
             removal, or the unablated model, and chunk).
         seconds: wall time.
@@ -179,6 +181,7 @@ class ForwardCounts:
     prefix_images: int = 0
     suffix_items: int = 0
     skipped_items: int = 0
+    shortcut_items: int = 0
     naive_passes: int = 0
     seconds: float = 0.0
 
@@ -780,6 +783,7 @@ class _Plan:
     mask_at: dict[torch.fx.Node, str]  # node -> layer whose filter mask applies to its output
     prefix_layers: set[str]
     substitute: bool | None = None  # channel substitution at the compaction point verified?
+    shortcut: bool | None = None  # linear shortcut through the next layer checked and usable?
 
 
 @dataclass
@@ -810,6 +814,11 @@ class AblationEngine:
         cache_mb: keep the prefix results of all chunks between calls when they fit in this
             many MiB (0 disables).
         skip_unchanged: drop items that are bitwise unchanged before the next layer.
+        linear_shortcut: compute the next layer's output (a ``Conv2d`` with ``groups=1`` or a
+            ``Linear`` reading only the ablated layer's values) as the unablated output minus
+            the removed channels' contributions, instead of running the layer per item. Exact
+            in real arithmetic; in floating point within :data:`TOLERANCES`. Needs
+            ``skip_unchanged``.
         metric: extra metric to sum (a custom callable); top-1, top-5 and loss are always
             computed.
 
@@ -835,6 +844,7 @@ class AblationEngine:
         max_items: int = 100,
         cache_mb: float = 512.0,
         skip_unchanged: bool = True,
+        linear_shortcut: bool = True,
         metric: str | Metric | Callable[..., Any] | None = None,
     ) -> None:
         if batch_size < 1:
@@ -855,6 +865,7 @@ class AblationEngine:
             raise AblationError("max_items must be at least 1")
         self.cache_bytes = cache_mb * 2**20
         self.skip_unchanged = skip_unchanged
+        self.linear_shortcut = linear_shortcut
         m = resolve_metric(metric)
         self.custom = m if m.fn is not None else None
         self.num_classes = _num_classes(
@@ -1319,17 +1330,92 @@ class AblationEngine:
         self.counts.skipped_items += total - idx.numel()
         logits = base_logits.repeat(rows_all.shape[0], 1)
         rows_dev = rows_all.to(chunk.start.device)
+        removed_dev = removed.to(chunk.start.device) > 0
+        short = self._shortcut_for(plan, base_live) if self.linear_shortcut else None
+        base_raw = None
+        if short is not None:
+            node, a = short
+            base_raw = self._run(node, (base_live[a],), {})
         for lo in range(0, idx.numel(), self.max_items):
             sel = idx[lo:lo + self.max_items]
             item = sel % b
             keep_rows = rows_dev.index_select(0, sel // b)
-            env: dict[torch.fx.Node, Any] = dict(
-                self._substituted(plan, base_live, zero_live, keep_rows, item))
+            start = plan.compact_at
+            env: dict[torch.fx.Node, Any]
+            if short is not None and base_raw is not None:
+                node, a = short
+                active = removed_dev.index_select(0, sel // b) & diff.index_select(0, item)
+                fast = self._shortcut_output(node, base_raw, base_live[a], zero_live[a], item,
+                                             active)
+                if plan.shortcut is None:
+                    env = dict(self._substituted(plan, base_live, zero_live, keep_rows, item))
+                    real = self._run(node, (env[a],), {})
+                    plan.shortcut = _close(fast, real)
+                    if not plan.shortcut:
+                        short = None
+                if plan.shortcut:
+                    env = {node: self._mask(node, fast, plan, fixed, keep_rows)}
+                    start = plan.compact_at + 1
+                    self.counts.shortcut_items += len(sel)
+            if start == plan.compact_at:
+                env = dict(self._substituted(plan, base_live, zero_live, keep_rows, item))
             self._count(len(sel))
-            out = self._walk(plan, chunk, env, item, keep_rows, fixed, plan.compact_at,
-                             len(plan.suffix))
+            out = self._walk(plan, chunk, env, item, keep_rows, fixed, start, len(plan.suffix))
             logits[sel] = out.to(logits.dtype)
         return logits
+
+    def _shortcut_for(self, plan: _Plan, base_live: dict[torch.fx.Node, torch.Tensor],
+                      ) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+        """``(next layer node, its input node)`` when the next layer's output can be computed
+        by subtracting contributions: one live value, read only by a plain ``Conv2d``
+        (``groups=1``, zero padding) or ``Linear`` at the compaction point."""
+        if plan.shortcut is False or plan.compact_at is None or len(base_live) != 1:
+            return None
+        node = plan.suffix[plan.compact_at]
+        (a,) = base_live
+        if node.op != "call_module" or node.kwargs or len(node.args) != 1 or node.args[0] is not a:
+            return None
+        if plan.last_use.get(a) != plan.compact_at:
+            return None
+        module = self.modules[str(node.target)]
+        if isinstance(module, nn.Conv2d):
+            ok = module.groups == 1 and module.padding_mode == "zeros" and \
+                not isinstance(module.padding, str) and base_live[a].dim() == 4
+        else:
+            ok = isinstance(module, nn.Linear) and base_live[a].dim() == 2
+        if not ok:
+            plan.shortcut = False
+            return None
+        return node, a
+
+    def _shortcut_output(self, node: torch.fx.Node, base_raw: torch.Tensor,
+                         base_in: torch.Tensor, zero_in: torch.Tensor, item: torch.Tensor,
+                         active: torch.Tensor) -> torch.Tensor:
+        """The next layer's raw output for each item: the unablated output of its image plus,
+        for every removed channel that changed on it, the layer applied (without bias) to that
+        channel's change alone. ``active``: bool ``[items, C]``."""
+        module = self.modules[str(node.target)]
+        out = base_raw.index_select(0, item)
+        pairs, chans = active.nonzero(as_tuple=True)
+        if not pairs.numel():
+            return out
+        c_all = active.shape[1]
+        for c in torch.unique(chans).tolist():
+            rows = pairs[chans == c]
+            img = item.index_select(0, rows)
+            if isinstance(module, nn.Conv2d):
+                delta = (zero_in[:, c].index_select(0, img) -
+                         base_in[:, c].index_select(0, img)).unsqueeze(1)
+                contrib = F.conv2d(delta, module.weight[:, c:c + 1], None, module.stride,
+                                   module.padding, module.dilation)
+            else:
+                s = base_in.shape[1] // c_all
+                block = slice(c * s, (c + 1) * s)
+                delta = zero_in[:, block].index_select(0, img) - \
+                    base_in[:, block].index_select(0, img)
+                contrib = delta @ module.weight[:, block].T
+            out.index_add_(0, rows, contrib.to(out.dtype))
+        return out
 
     def _run_block(self, plan: _Plan, chunk: _Chunk, keeps: torch.Tensor,
                    fixed: dict[str, torch.Tensor],
@@ -1387,6 +1473,16 @@ class AblationEngine:
         chosen = [c for c in range(info.out_channels) if own_t[c]] if filters is None \
             else list(filters)
         return self.evaluate(layer, single_removals(info.out_channels, chosen, own_t), fixed)
+
+
+def _close(fast: torch.Tensor, real: torch.Tensor) -> bool:
+    """The shortcut's output agrees with the layer's own within float rounding (checked once
+    per layer; anything else means an op the shortcut misreads, and it is turned off)."""
+    if fast.shape != real.shape:
+        return False
+    rtol = 1e-4 if real.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+    scale = float(real.abs().max()) if real.numel() else 0.0
+    return bool((fast - real).abs().max() <= rtol * max(scale, 1e-30)) if real.numel() else True
 
 
 class _Unsafe(Exception):

@@ -120,6 +120,62 @@ def test_skipping_and_caching_do_not_change_results() -> None:
     assert b.counts.prefix_passes == 4 and again.counts.prefix_passes == 0  # prefix cached
 
 
+@pytest.mark.parametrize("name", ["plain", "resnet", "cat", "group", "functional"])
+def test_linear_shortcut_agrees_with_the_layer_and_the_naive_loop(name: str) -> None:
+    """The next layer's output computed as the unablated output plus each removed channel's
+    change through that layer gives the same statistics as running the layer (and as the naive
+    loop) within the contract's tolerances; it is used wherever the next layer is a plain conv
+    or linear (here: at least one layer of every net)."""
+    net, x, y = labelled(name, seed=6)
+    graph = ModelGraph.build(net, x[:1])
+    short = AblationEngine(net, x, y, graph=graph, batch_size=7, max_items=20)
+    full = AblationEngine(net, x, y, graph=graph, batch_size=7, max_items=20,
+                          linear_shortcut=False)
+    used = 0
+    for layer, info in graph.layers.items():
+        cand = candidates(info.out_channels, seed=7)
+        a = short.evaluate(layer, cand)
+        b = full.evaluate(layer, cand)
+        assert b.counts.shortcut_items == 0
+        assert a.counts.shortcut_items <= a.counts.suffix_items
+        used += a.counts.shortcut_items
+        assert_same(a, b)
+        assert_same(a, ablate_naive(net, layer, cand, x, y, graph=graph, batch_size=7))
+    assert used > 0
+
+
+@pytest.mark.parametrize("layer", ["features.7", "features.11", "features.14"])
+def test_linear_shortcut_on_fmnist_vgg(layer: str) -> None:
+    """conv -> BN -> ReLU (-> pool) -> conv and, for the last conv, pool -> flatten -> Linear:
+    the shortcut is taken for every evaluated item and agrees with the naive loop."""
+    torch.manual_seed(1)
+    net = ZOO["fmnist_vgg"].factory().eval()
+    x = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    y = torch.randint(0, 10, (40,))
+    c = net.get_submodule(layer).out_channels
+    cand = torch.cat([single_removals(c)[::8], torch.rand(2, c) > 0.7])
+    engine = AblationEngine(net, x, y, preset=FASHION_MNIST_PRESET, batch_size=20)
+    got = engine.evaluate(layer, cand)
+    # every (removal, image) item that was not skipped as unchanged took the shortcut
+    assert got.counts.shortcut_items + got.counts.skipped_items == len(cand) * 40
+    assert got.counts.shortcut_items > 0
+    assert_same(got, ablate_naive(net, layer, cand, x, y, preset=FASHION_MNIST_PRESET,
+                                  batch_size=20))
+
+
+def test_linear_shortcut_is_turned_off_when_the_check_fails(monkeypatch) -> None:
+    """If the one-time check against the real layer disagrees, the engine runs the layer
+    instead (and still gives the naive loop's numbers)."""
+    import netcarve.ablation as ablation
+
+    monkeypatch.setattr(ablation, "_close", lambda fast, real: False)
+    net, x, y = labelled("plain", n=20, seed=8)
+    cand = candidates(6)
+    got = AblationEngine(net, x, y, batch_size=10).evaluate("features.4", cand)
+    assert got.counts.shortcut_items == 0
+    assert_same(got, ablate_naive(net, "features.4", cand, x, y, batch_size=10))
+
+
 def test_removing_a_silent_filter_is_skipped() -> None:
     net, x, y = labelled("plain", n=12, seed=5)
     with torch.no_grad():  # filter 2 of features.4 never fires: ReLU keeps it at 0

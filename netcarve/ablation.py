@@ -219,6 +219,9 @@ class AblationStats:
         near_ties5: int64 ``[R]`` the same for the top-5 boundary (5th vs 6th logit).
         base_*: the same for the unablated network (``base_correct`` is a 0-d tensor, etc.).
         counts: the :class:`ForwardCounts` of the evaluation.
+        image_correct / image_correct5: bool ``[R, n]`` per-image top-1 / top-5 hits, in the
+            order the images were evaluated (only with ``evaluate(..., per_image=True)``).
+        image_loss: float64 ``[R, n]`` per-image cross-entropy (likewise).
     """
 
     n: int
@@ -241,6 +244,9 @@ class AblationStats:
     base_near_ties: torch.Tensor | None = None
     base_near_ties5: torch.Tensor | None = None
     counts: ForwardCounts = field(default_factory=ForwardCounts)
+    image_correct: torch.Tensor | None = None
+    image_correct5: torch.Tensor | None = None
+    image_loss: torch.Tensor | None = None
 
     def accuracy(self) -> torch.Tensor:
         """float64 ``[R]`` top-1 accuracy of each candidate."""
@@ -298,7 +304,7 @@ class _Accumulator:
     """Sums the statistics of each candidate over chunks, identically for engine and naive."""
 
     def __init__(self, n_candidates: int, num_classes: int, custom: Metric | None,
-                 device: torch.device) -> None:
+                 device: torch.device, per_image: int = 0) -> None:
         self.k = num_classes
         self.custom = custom
         r = n_candidates
@@ -312,6 +318,11 @@ class _Accumulator:
         self.near = torch.zeros(r, dtype=torch.int64)
         self.near5 = torch.zeros(r, dtype=torch.int64)
         self.n = 0
+        self._at = 0  # first image of the current chunk
+        # per-image hits and losses [R, images] when asked for (racing greedy pairs them)
+        self.image_hit = torch.zeros(r, per_image, dtype=torch.bool) if per_image else None
+        self.image_hit5 = torch.zeros(r, per_image, dtype=torch.bool) if per_image else None
+        self.image_loss = torch.zeros(r, per_image, dtype=torch.float64) if per_image else None
 
     def add(self, rows: Sequence[int], logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a chunk: ``logits`` ``[len(rows) * B, K]``, candidate-major; ``labels`` ``[B]``."""
@@ -335,12 +346,18 @@ class _Accumulator:
             near, near5 = _near_ties(z, k5)
             self.near[r] += int(near.sum())
             self.near5[r] += int(near5.sum())
+            if self.image_hit is not None:
+                assert self.image_hit5 is not None and self.image_loss is not None
+                self.image_hit[r, self._at:self._at + b] = hit.cpu()
+                self.image_hit5[r, self._at:self._at + b] = hit5.cpu()
+                self.image_loss[r, self._at:self._at + b] = per_image.cpu()
             if self.custom_sum is not None and self.custom is not None:
                 value = self.custom.fn(z, labels)  # type: ignore[misc]
                 self.custom_sum[r] += float(value)
 
     def count_labels(self, labels: torch.Tensor) -> None:
         self.class_count += torch.bincount(labels.cpu(), minlength=self.k)[: self.k]
+        self._at = self.n
         self.n += int(labels.shape[0])
 
 
@@ -354,7 +371,8 @@ def _stats(acc: _Accumulator, base: _Accumulator, counts: ForwardCounts) -> Abla
         base_class_loss=base.class_loss[0],
         base_custom=None if base.custom_sum is None else base.custom_sum[0],
         near_ties=acc.near, near_ties5=acc.near5, base_near_ties=base.near[0],
-        base_near_ties5=base.near5[0], counts=counts,
+        base_near_ties5=base.near5[0], counts=counts, image_correct=acc.image_hit,
+        image_correct5=acc.image_hit5, image_loss=acc.image_loss,
     )
 
 
@@ -872,7 +890,7 @@ class AblationEngine:
             model, _example(self.images, preset, self.device, self.dtype), self.labels)
         self.counts = ForwardCounts()
         self._plans: dict[str, _Plan] = {}
-        self._cache: dict[str, tuple[Any, list[_Chunk]]] = {}
+        self._cache: dict[str, tuple[Any, dict[int, _Chunk]]] = {}
 
     # ------------------------------------------------------------------ planning
 
@@ -1063,6 +1081,9 @@ class AblationEngine:
         layer: str,
         candidates: torch.Tensor,
         fixed: dict[str, torch.Tensor] | None = None,
+        *,
+        chunks: Sequence[int] | None = None,
+        per_image: bool = False,
     ) -> AblationStats:
         """Statistics of the classifier under each candidate keep mask of ``layer``.
 
@@ -1073,6 +1094,9 @@ class AblationEngine:
                 removed in every row.
             fixed: ``{layer: bool [out_channels]}`` removals that hold for every candidate and
                 for the unablated ``base_*`` statistics (e.g. filters already pruned).
+            chunks: evaluate only these image chunks (numbers in ``range(n_chunks)``, in this
+                order; chunk ``i`` is images ``i * batch_size ...``) instead of all images.
+            per_image: also return per-image hits and losses (``image_*`` fields).
 
         Returns:
             :class:`AblationStats` (``counts`` holds this call's forward passes).
@@ -1088,20 +1112,27 @@ class AblationEngine:
         cands = _check_candidates(candidates, info.out_channels, layer)
         fixed_masks = _check_fixed(self.graph, fixed)
         own = fixed_masks.pop(layer, torch.ones(info.out_channels, dtype=torch.bool))
+        select = None if chunks is None else self._check_chunks(chunks)
+        n_sel = len(self.labels) if select is None else sum(
+            min(self.batch_size, len(self.labels) - i * self.batch_size) for i in select)
         before = ForwardCounts(**self.counts.to_dict())
         start_time = time.perf_counter()
-        acc = _Accumulator(len(cands), self.num_classes, self.custom, self.device)
-        base_acc = _Accumulator(1, self.num_classes, self.custom, self.device)
+
+        def accumulators() -> tuple[_Accumulator, _Accumulator]:
+            return (_Accumulator(len(cands), self.num_classes, self.custom, self.device,
+                                 n_sel if per_image else 0),
+                    _Accumulator(1, self.num_classes, self.custom, self.device))
+
+        acc, base_acc = accumulators()
         with preserved_state(self.model), torch.no_grad():
             self.model.eval()
             try:
-                self._evaluate(layer, cands, own, fixed_masks, acc, base_acc)
+                self._evaluate(layer, cands, own, fixed_masks, acc, base_acc, select)
             except _Unsafe:
                 self._plans[layer] = self._make_plan(layer, "input")
                 self._cache.pop(layer, None)
-                acc = _Accumulator(len(cands), self.num_classes, self.custom, self.device)
-                base_acc = _Accumulator(1, self.num_classes, self.custom, self.device)
-                self._evaluate(layer, cands, own, fixed_masks, acc, base_acc)
+                acc, base_acc = accumulators()
+                self._evaluate(layer, cands, own, fixed_masks, acc, base_acc, select)
         counts = ForwardCounts(**self.counts.to_dict())
         for key, value in before.to_dict().items():
             setattr(counts, key, getattr(counts, key) - value)
@@ -1109,30 +1140,52 @@ class AblationEngine:
         self.counts.seconds += counts.seconds
         return _stats(acc, base_acc, counts)
 
-    def _chunk_source(self, plan: _Plan, fixed: dict[str, torch.Tensor]) -> Iterator[_Chunk]:
+    def _check_chunks(self, chunks: Sequence[int]) -> list[int]:
+        out = [int(i) for i in chunks]
+        bad = [i for i in out if not 0 <= i < self.n_chunks]
+        if bad:
+            raise AblationError(f"chunk {bad[0]} does not exist: the engine has "
+                                f"{self.n_chunks} chunks of {self.batch_size} images "
+                                f"(0..{self.n_chunks - 1})")
+        if len(set(out)) != len(out):
+            raise AblationError("chunks must not repeat")
+        return out
+
+    def _chunk_source(self, plan: _Plan, fixed: dict[str, torch.Tensor],
+                      select: Sequence[int] | None = None) -> Iterator[_Chunk]:
+        """Prefix results of the image chunks (all, or those numbered in ``select``, in that
+        order), from the cache where they are already there."""
         key = tuple(sorted((name, tuple(fixed[name].tolist())) for name in plan.prefix_layers
                            if name in fixed))
         cached = self._cache.get(plan.layer)
-        if cached is not None and cached[0] == key:
-            yield from cached[1]
-            return
-        self._cache.pop(plan.layer, None)
-        keep: list[_Chunk] | None = [] if self.cache_bytes > 0 else None
-        total = 0
-        for xb, yb in _chunks(self.images, self.labels, self.batch_size, self.preset,
-                              self.device, self.dtype):
-            chunk = self._prefix_pass(plan, xb, yb, fixed)
-            self.counts.prefix_passes += 1
-            self.counts.prefix_images += len(xb)
-            if keep is not None:
-                total += chunk.nbytes
-                if total <= self.cache_bytes:
-                    keep.append(chunk)
-                else:
-                    keep = None
+        if cached is None or cached[0] != key:
+            cached = (key, {})
+            self._cache.pop(plan.layer, None)
+            if self.cache_bytes > 0:
+                self._cache[plan.layer] = cached
+        store = cached[1]
+        total = sum(c.nbytes for c in store.values())
+        n_chunks = self.n_chunks
+        for i in (range(n_chunks) if select is None else select):
+            chunk = store.get(i)
+            if chunk is None:
+                lo = i * self.batch_size
+                (xb, yb), = _chunks(self.images[lo:lo + self.batch_size],
+                                    self.labels[lo:lo + self.batch_size], self.batch_size,
+                                    self.preset, self.device, self.dtype)
+                chunk = self._prefix_pass(plan, xb, yb, fixed)
+                self.counts.prefix_passes += 1
+                self.counts.prefix_images += len(xb)
+                if self.cache_bytes > 0 and total + chunk.nbytes <= self.cache_bytes:
+                    store[i] = chunk
+                    total += chunk.nbytes
             yield chunk
-        if keep is not None:
-            self._cache[plan.layer] = (key, keep)
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of image chunks (``ceil(images / batch_size)``); chunk ``i`` holds images
+        ``i * batch_size`` up to ``(i + 1) * batch_size``."""
+        return -(-len(self.labels) // self.batch_size)
 
     @staticmethod
     def _suffix_args(plan: _Plan, node: torch.fx.Node, env: dict[torch.fx.Node, Any],
@@ -1273,12 +1326,12 @@ class AblationEngine:
 
     def _evaluate(self, layer: str, cands: torch.Tensor, own: torch.Tensor,
                   fixed: dict[str, torch.Tensor], acc: _Accumulator,
-                  base_acc: _Accumulator) -> None:
+                  base_acc: _Accumulator, select: Sequence[int] | None = None) -> None:
         plan = self.plan(layer)
         rows_all = own[None] & cands
         n_c = own.shape[0]
         removed = (own[None] & ~rows_all).float()
-        for chunk in self._chunk_source(plan, fixed):
+        for chunk in self._chunk_source(plan, fixed, select):
             b = chunk.start.shape[0]
             acc.count_labels(chunk.labels)
             base_acc.count_labels(chunk.labels)

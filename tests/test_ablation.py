@@ -354,3 +354,30 @@ def test_compare_stats_catches_loss_errors_above_the_tolerance() -> None:
     assert not result.ok and "loss_sum" in result.describe()
     assert result.max_loss_error == pytest.approx(3e-5, rel=0.05)
     assert compare_stats(off, want, rtol=1e-4).ok
+
+
+def test_chunks_and_per_image_results() -> None:
+    """Evaluating chunks [2, 0] gives the statistics of those images alone (as an engine built
+    on them), per-image hits/losses add up to the sums, and bad chunk numbers are refused."""
+    net, x, y = labelled("plain", n=30, seed=9)
+    cand = candidates(6)
+    engine = AblationEngine(net, x, y, batch_size=8)
+    assert engine.n_chunks == 4
+    got = engine.evaluate("features.4", cand, chunks=[2, 0], per_image=True)
+    sub = torch.cat([torch.arange(16, 24), torch.arange(0, 8)])
+    want = ablate_naive(net, "features.4", cand, x[sub], y[sub], batch_size=8)
+    assert got.n == 16
+    assert_same(got, want)
+    assert got.image_correct is not None and got.image_loss is not None
+    assert got.image_correct.shape == (len(cand), 16)
+    assert torch.equal(got.image_correct.sum(1), got.correct)
+    assert got.image_correct5 is not None
+    assert torch.equal(got.image_correct5.sum(1), got.correct5)
+    torch.testing.assert_close(got.image_loss.sum(1), got.loss_sum, rtol=1e-12, atol=0.0)
+    last = engine.evaluate("features.4", cand, chunks=[3], per_image=True)
+    assert last.n == 6 and last.image_correct is not None and last.image_correct.shape[1] == 6
+    assert engine.evaluate("features.4", cand).image_correct is None
+    with pytest.raises(AblationError, match=r"chunk 4 does not exist.*0\.\.3"):
+        engine.evaluate("features.4", cand, chunks=[4])
+    with pytest.raises(AblationError, match="repeat"):
+        engine.evaluate("features.4", cand, chunks=[1, 1])

@@ -61,6 +61,7 @@ from netcarve.ablation import (
     single_removals,
 )
 from netcarve.graph import ModelGraph
+from netcarve.racing import RACING_METRICS, race_step
 from netcarve.zoo.preset import Preset
 
 __all__ = [
@@ -80,6 +81,7 @@ __all__ = [
 ]
 
 MetricLike = str | Metric | Callable[..., Any] | None
+GREEDY_MODES = ("exact", "lazy", "racing")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -508,7 +510,7 @@ class GreedyResult:
     """Outcome of :func:`greedy_prune`.
 
     Attributes:
-        mode: ``"exact"`` or ``"lazy"``.
+        mode: ``"exact"``, ``"lazy"`` or ``"racing"``.
         scope: ``"layer"`` or ``"global"``.
         metric: the CAR metric.
         layers: the layers in scope.
@@ -517,6 +519,9 @@ class GreedyResult:
         base_accuracy / base_loss: before pruning (scoring images).
         n_images: scoring images.
         evaluations: candidate evaluations (removal × step).
+        image_evaluations: (removal, image) pairs scored; exact greedy scores
+            ``exact_image_evaluations`` = every remaining candidate on every image each step.
+        eliminated: racing only: candidates dropped early by the sign test, over all steps.
         seconds: wall time.
         counts: forward passes.
         stopped: why pruning stopped (``"count"``, ``"floor"``, ``"exhausted"``).
@@ -537,6 +542,17 @@ class GreedyResult:
     stopped: str = "count"
     window: int | None = None
     refresh: int | None = None
+    image_evaluations: int = 0
+    exact_image_evaluations: int = 0
+    eliminated: int = 0
+    delta: float | None = None
+
+    @property
+    def saved_fraction(self) -> float:
+        """Share of exact greedy's (removal, image) evaluations this run did not need."""
+        if not self.exact_image_evaluations:
+            return 0.0
+        return 1.0 - self.image_evaluations / self.exact_image_evaluations
 
     @property
     def order(self) -> list[tuple[str, int]]:
@@ -556,7 +572,10 @@ class GreedyResult:
             "filters_removed": len(self.steps), "stopped": self.stopped,
             "base_accuracy": self.base_accuracy, "base_loss": self.base_loss,
             "final_accuracy": self.steps[-1].accuracy if self.steps else self.base_accuracy,
-            "evaluations": self.evaluations, "seconds": self.seconds,
+            "evaluations": self.evaluations, "image_evaluations": self.image_evaluations,
+            "exact_image_evaluations": self.exact_image_evaluations,
+            "saved_fraction": self.saved_fraction, "eliminated": self.eliminated,
+            "delta": self.delta, "seconds": self.seconds,
             "forward_passes": self.counts.to_dict(),
             "order": [{"layer": s.layer, "filter": s.filter, "car": s.car,
                        "loss_car": s.loss_car, "accuracy": s.accuracy, "loss": s.loss,
@@ -632,6 +651,9 @@ def greedy_prune(
     batch_size: int = 100,
     engine: AblationEngine | None = None,
     progress: Callable[[PruneStep], None] | None = None,
+    delta: float = 0.01,
+    first_images: int = 200,
+    seed: int = 0,
 ) -> GreedyResult:
     """Greedy CAR pruning: remove the lowest-CAR filter, re-score, repeat.
 
@@ -644,8 +666,10 @@ def greedy_prune(
             layer for ``scope="layer"``, of all filters in scope for ``scope="global"``.
         floor: stop before top-1 accuracy on the scoring images would fall below this value.
             With no ``amount``, prune until the floor (at most all filters but one per layer).
-        mode: ``"exact"`` (re-score every remaining candidate each step) or ``"lazy"``
-            (re-score only the ``window`` candidates with the lowest previous CAR).
+        mode: ``"exact"`` (re-score every remaining candidate on every image each step),
+            ``"lazy"`` (re-score only the ``window`` candidates with the lowest previous CAR)
+            or ``"racing"`` (every candidate, but candidates confidently worse than the
+            leader stop being scored early: :mod:`netcarve.racing`; top-1/top-5 metrics).
         scope: ``"layer"``: layers one after another, each given the earlier removals;
             ``"global"``: one pool of candidates across the layers.
         window: candidates re-scored per lazy step (default ``max(4, ceil(remaining / 8))``).
@@ -657,6 +681,10 @@ def greedy_prune(
         batch_size: images per forward pass.
         engine: reuse an :class:`AblationEngine` built on these images.
         progress: called after every removal.
+        delta: racing: the probability bound, per step, of dropping the candidate exact
+            greedy would choose.
+        first_images: racing: images in the first round (rounded up to whole chunks).
+        seed: racing: the seed of the order in which image chunks are drawn.
 
     Returns:
         a :class:`GreedyResult` with the order, the masks and the accuracy after each step.
@@ -670,13 +698,18 @@ def greedy_prune(
         >>> res.order[:3]  # doctest: +SKIP
         [('features.0', 12), ('features.0', 30), ('features.0', 7)]
     """
-    if mode not in ("exact", "lazy"):
-        raise AblationError(f"mode must be 'exact' or 'lazy', got {mode!r}")
+    if mode not in GREEDY_MODES:
+        raise AblationError(f"mode must be one of {', '.join(GREEDY_MODES)}, got {mode!r}")
     if scope not in ("layer", "global"):
         raise AblationError(f"scope must be 'layer' or 'global', got {scope!r}")
     if amount is None and floor is None:
         raise AblationError("give an amount (count or ratio) or an accuracy floor")
     m = resolve_metric(metric)
+    if mode == "racing" and m.name not in RACING_METRICS:
+        raise AblationError(f"racing greedy compares per-image hits, so it needs metric top1 or "
+                            f"top5, got {m.name!r}; use mode='lazy' or 'exact'")
+    if not 0 < delta < 1:
+        raise AblationError(f"delta must lie in (0, 1), got {delta}")
     start = time.perf_counter()
     eng = _engine(model, images, labels, preset, graph, batch_size, m, engine)
     names = resolve_layers(eng.graph, layers)
@@ -684,7 +717,12 @@ def greedy_prune(
     masks = {n: torch.ones(eng.graph.layer(n).out_channels, dtype=torch.bool) for n in names}
     counts = ForwardCounts()
     steps: list[PruneStep] = []
-    state = {"evaluations": 0, "stopped": "count"}
+    state: dict[str, Any] = {"evaluations": 0, "stopped": "count", "image_evaluations": 0,
+                             "exact_image_evaluations": 0, "eliminated": 0}
+    if mode == "racing":
+        gen = torch.Generator().manual_seed(seed)
+        state["race"] = (torch.randperm(eng.n_chunks, generator=gen).tolist(),
+                         -(-max(1, first_images) // eng.batch_size), delta)
     base_stats = eng.evaluate(names[0], torch.ones(1, masks[names[0]].numel(), dtype=torch.bool))
     counts.add(base_stats.counts)
     base_acc, base_loss = base_stats.base_metric("top1"), base_stats.base_metric("loss")
@@ -703,6 +741,9 @@ def greedy_prune(
         base_loss=base_loss, n_images=len(eng.labels), evaluations=int(state["evaluations"]),
         seconds=time.perf_counter() - start, counts=counts, stopped=str(state["stopped"]),
         window=window if mode == "lazy" else None, refresh=refresh if mode == "lazy" else None,
+        image_evaluations=int(state["image_evaluations"]),
+        exact_image_evaluations=int(state["exact_image_evaluations"]),
+        eliminated=int(state["eliminated"]), delta=delta if mode == "racing" else None,
     )
 
 
@@ -738,20 +779,34 @@ def _greedy_group(eng: AblationEngine, group: list[str], masks: dict[str, torch.
         else:
             w = window or max(4, math.ceil(len(remaining) / 8))
             chosen = sorted(remaining, key=lambda key: (stale[key][0], stale[key][1], key[1]))[:w]
-        fresh: dict[tuple[str, int], tuple[float, float, float, float]] = {}
-        for n in group:
-            fresh.update(_score(eng, n, [f for ln, f in chosen if ln == n], masks, m, counts))
+        n_img = len(eng.labels)
+        state["exact_image_evaluations"] += len(remaining) * n_img
         state["evaluations"] += len(chosen)
-        stale.update(fresh)
-        best = min(fresh, key=lambda key: (fresh[key][0], fresh[key][1], key[1]))
-        car, loss_car, acc, loss = fresh[best]
+        if mode == "racing":
+            order, first, delta = state["race"]
+            race = race_step(eng, chosen, masks, m.name, order, first, delta, counts)
+            state["image_evaluations"] += race.image_evaluations
+            state["eliminated"] += race.eliminated
+            best = race.best
+            acc, loss = race.top1 / n_img, race.loss_sum / n_img
+            car = (race.base_correct - race.correct) / n_img
+            loss_car = (race.loss_sum - race.base_loss_sum) / n_img
+        else:
+            fresh: dict[tuple[str, int], tuple[float, float, float, float]] = {}
+            for n in group:
+                fresh.update(_score(eng, n, [f for ln, f in chosen if ln == n], masks, m,
+                                    counts))
+            state["image_evaluations"] += len(chosen) * n_img
+            stale.update(fresh)
+            best = min(fresh, key=lambda key: (fresh[key][0], fresh[key][1], key[1]))
+            car, loss_car, acc, loss = fresh[best]
         if floor is not None and acc < floor:
             state["stopped"] = "floor"
             return
         layer, filt = best
         masks[layer] = masks[layer].clone()
         masks[layer][filt] = False
-        stale.pop(best)
+        stale.pop(best, None)
         step = PruneStep(layer, filt, car, loss_car, acc, loss, len(chosen))
         steps.append(step)
         removed += 1

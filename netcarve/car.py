@@ -77,6 +77,7 @@ __all__ = [
     "greedy_prune",
     "kendall_tau",
     "order_agreement",
+    "planned_removals",
     "resolve_layers",
 ]
 
@@ -596,6 +597,30 @@ class GreedyResult:
                 writer.writerow([i, s.layer, s.filter, f"{s.car:.6g}", f"{s.loss_car:.6g}",
                                  f"{s.accuracy:.6g}", f"{s.loss:.6g}", s.rescored])
         return target
+
+
+def planned_removals(graph: ModelGraph, layers: str | Sequence[str],
+                     amount: float | int | None, scope: str = "layer") -> int:
+    """How many filters :func:`greedy_prune` will remove at most (all of them, with no floor).
+
+    Args:
+        graph: the model's channel graph.
+        layers: the layers in scope (names or a comma-separated string).
+        amount: a count or a ratio as for :func:`greedy_prune` (``None``: all but one per layer).
+        scope: ``"layer"`` or ``"global"``.
+
+    Returns:
+        the planned number of removals.
+
+    Raises:
+        AblationError: a bad amount, or a layer with fewer than two filters.
+
+    Example:
+        >>> planned_removals(graph, ["features.0", "features.4"], 0.5)  # doctest: +SKIP
+        48
+    """
+    targets = _targets(graph, resolve_layers(graph, layers), amount, scope)
+    return sum(targets.values()) if isinstance(targets, dict) else int(targets)
 
 
 def _targets(graph: ModelGraph, layers: list[str], amount: float | int | None,

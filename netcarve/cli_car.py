@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
+from tqdm import tqdm
 
 from netcarve.cli_common import emit as _emit
 from netcarve.cli_common import fail_cleanly as _fail_cleanly
@@ -81,7 +83,16 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
 @click.option("--metric", type=click.Choice(["top1", "top5", "loss"]), default="top1",
               show_default=True, help="CAR metric (ties are broken by the loss).")
 @click.option("--classwise", is_flag=True, help="Write class-wise CAR (CSV + heat map).")
-@click.option("--lazy", is_flag=True, help="Lazy greedy: re-score only the best candidates.")
+@click.option("--mode", type=click.Choice(["lazy", "racing", "exact"]), default="lazy",
+              show_default=True,
+              help="Greedy step: lazy re-scores only the candidates with the lowest earlier "
+                   "CAR; racing scores every candidate but drops the confidently worse ones "
+                   "early (top1/top5); exact re-scores every candidate on every image.")
+@click.option("--lazy", "mode", flag_value="lazy", help="Same as --mode lazy.")
+@click.option("--exact", "mode", flag_value="exact", help="Same as --mode exact.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.01, show_default=True,
+              help="Racing: chance per step of dropping the candidate exact greedy picks.")
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Candidates re-scored per lazy step [default: max(4, remaining/8)].")
 @click.option("--refresh", type=click.IntRange(min=1), default=None,
@@ -103,14 +114,14 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
 @click.option("--images", "n_images", type=click.IntRange(min=0), default=500,
               show_default=True,
               help="Scoring images (first N of the train split). Exact greedy pruning costs "
-                   "about (filters × pruned) removals × N images; --lazy costs a fraction.")
+                   "about (filters × pruned) removals × N images; lazy costs a fraction.")
 @click.option("--eval-images", "n_eval", type=click.IntRange(min=0), default=2000,
               show_default=True, help="Evaluation images (first N of the test split).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
 @run_options
 @_fail_cleanly
 def car(model: str, layers: str | None, prune_amount: str | None, floor: float | None,
-        scope: str, metric: str, classwise: bool, lazy: bool, window: int | None,
+        scope: str, metric: str, classwise: bool, mode: str, delta: float, window: int | None,
         refresh: int | None, finetune_epochs: int, lr: float, finetune_images: int | None,
         fold: str, curves: bool, curve_points: int, weights: Path | None, preset: str | None,
         images_dir: Path | None, n_images: int, n_eval: int, batch_size: int, device: str,
@@ -129,7 +140,7 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     """
     from netcarve.ablation import AblationEngine, AblationError
     from netcarve.baselines import BASELINES, CurveReport, compare_methods
-    from netcarve.car import car_scores, greedy_prune, resolve_layers
+    from netcarve.car import car_scores, greedy_prune, planned_removals, resolve_layers
     from netcarve.compress import CompressError, prunable_layers, prune_filters
     from netcarve.errors import DataError
     from netcarve.evaluation import evaluate
@@ -176,10 +187,24 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     if classwise:
         for name in names:
             files[f"classwise {name}"] = str(scores.classwise(name).save(out))
-    log(f"greedy {'lazy' if lazy else 'exact'} pruning ({scope}) ...")
-    greedy = greedy_prune(net, xs, ys, names, amount=amount, floor=floor,
-                          mode="lazy" if lazy else "exact", scope=scope, window=window,
-                          refresh=refresh, metric=metric, preset=lm.preset, engine=engine)
+    if mode == "racing" and metric == "loss":
+        raise AblationError("--mode racing compares per-image hits, so it needs --metric top1 "
+                            "or top5; use --mode lazy or --exact with --metric loss")
+    log(f"greedy {mode} pruning ({scope}) ...")
+    planned = planned_removals(graph, names, amount, scope)
+    bar = tqdm(total=planned, desc=f"greedy {mode}", unit="removal", disable=as_json,
+               file=sys.stderr)
+
+    def advance(step: Any) -> None:
+        bar.set_postfix_str(f"{step.layer}:{step.filter} top-1 {step.accuracy:.2%}",
+                            refresh=False)
+        bar.update(1)
+
+    with bar:
+        greedy = greedy_prune(net, xs, ys, names, amount=amount, floor=floor, mode=mode,
+                              scope=scope, window=window, refresh=refresh, metric=metric,
+                              preset=lm.preset, engine=engine, delta=delta, seed=seed,
+                              progress=advance)
     files["order"] = str(greedy.save(out / "order.csv"))
     check = xe[:8] if xe.dtype != torch.uint8 else lm.preset.normalize(xe[:8])
     probe = xs if xs.dtype != torch.uint8 else lm.preset.normalize(xs)
@@ -235,6 +260,11 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
         "prunable_layers": prunable,
         "not_prunable": {n: w for n, w in why.items() if w is not None},
         "car": scores.to_dict(), "greedy": greedy.to_dict(),
+        "greedy_cost": {"mode": greedy.mode, "seconds": greedy.seconds,
+                        "removals": len(greedy.steps), "evaluations": greedy.evaluations,
+                        "image_evaluations": greedy.image_evaluations,
+                        "exact_image_evaluations": greedy.exact_image_evaluations,
+                        "saved_fraction": greedy.saved_fraction},
         "pruned_model": pruned.to_dict(),
         "accuracy": {"original": acc_before.accuracy, "pruned": acc_pruned.accuracy,
                      "finetuned": None if tuned is None else tuned["accuracy_after"]},

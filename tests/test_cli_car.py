@@ -113,7 +113,29 @@ def test_fold_refits_the_next_layers(tmp_path) -> None:
     assert fit["r2_fold"] >= fit["r2_drop"] - 1e-9
 
 
+@pytest.mark.parametrize("flags,mode", [([], "lazy"), (["--exact"], "exact"),
+                                        (["--mode", "racing"], "racing"),
+                                        (["--mode", "exact"], "exact")])
+def test_greedy_modes_and_their_cost_in_the_summary(tmp_path, flags: list[str],
+                                                    mode: str) -> None:
+    res = run("--layers", "conv1,conv2", "--prune", "2", "--images", "40", "--eval-images",
+              "20", "--no-curves", *flags, "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    cost = summary["greedy_cost"]
+    assert summary["greedy"]["mode"] == cost["mode"] == mode and cost["removals"] == 4
+    # exact scores every remaining candidate of each step on every image: (6+5) + (8+7)
+    assert cost["exact_image_evaluations"] == (6 + 5 + 8 + 7) * 40
+    if mode == "exact":
+        assert cost["image_evaluations"] == cost["exact_image_evaluations"]
+        assert cost["saved_fraction"] == 0
+    assert 0 <= cost["saved_fraction"] < 1 and cost["seconds"] > 0
+    assert f"greedy {mode}" in res.output  # the log and the progress bar name the mode
+
+
 @pytest.mark.parametrize("args,code,message", [
+    (["--layers", "conv1", "--prune", "1", "--mode", "racing", "--metric", "loss"], 2,
+     "needs --metric top1"),
     (["--layers", "fc", "--prune", "1"], 2, "no filters to prune"),
     (["--layers", "conv1", "--prune", "1.5"], 2, "(0, 1)"),
     (["--layers", "conv1", "--prune", "0"], 2, "at least 1"),

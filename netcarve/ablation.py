@@ -685,6 +685,11 @@ def _example(images: torch.Tensor, preset: Preset | None, device: torch.device,
 
 # --------------------------------------------------------------------------- the engine
 
+# The linear shortcut is used for a pass only while its items remove at most this many
+# channels each on average (measured on fmnist_vgg: single removals 1.4-3x faster with it,
+# masks removing 8-32 channels slower than running the layer).
+_SHORTCUT_CHANNELS_PER_ITEM = 2
+
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
@@ -1398,15 +1403,21 @@ class AblationEngine:
             if short is not None and base_raw is not None:
                 node, a = short
                 active = removed_dev.index_select(0, sel // b) & diff.index_select(0, item)
+                # one small per-channel product per removed channel: cheaper than the layer
+                # itself only while few channels per item are removed (single removals, greedy
+                # steps); masks removing many channels at once (curves) run the layer instead
+                few = int(active.sum()) <= _SHORTCUT_CHANNELS_PER_ITEM * len(sel)
                 fast = self._shortcut_output(node, base_raw, base_live[a], zero_live[a], item,
-                                             active)
-                if plan.shortcut is None:
+                                             active) if few else None
+                if fast is None:
+                    pass
+                elif plan.shortcut is None:
                     env = dict(self._substituted(plan, base_live, zero_live, keep_rows, item))
                     real = self._run(node, (env[a],), {})
                     plan.shortcut = _close(fast, real)
                     if not plan.shortcut:
                         short = None
-                if plan.shortcut:
+                if fast is not None and plan.shortcut:
                     env = {node: self._mask(node, fast, plan, fixed, keep_rows)}
                     start = plan.compact_at + 1
                     self.counts.shortcut_items += len(sel)

@@ -55,8 +55,8 @@ def _maxrss_mb() -> float:
 def _build(model_name: str, images: int, size: int):  # -> (model, x, graph, target)
     import torch
 
-    from netcarve.graph import ModelGraph
-    from netcarve.targets import Target
+    from netcarve.core.graph import ModelGraph
+    from netcarve.core.targets import Target
 
     torch.manual_seed(0)
     if model_name == "vgg16":
@@ -77,7 +77,7 @@ def _build(model_name: str, images: int, size: int):  # -> (model, x, graph, tar
 
 
 def _plain(model, x, graph, target) -> None:
-    from netcarve.hooks import forward_until
+    from netcarve.core.hooks import forward_until
 
     z = forward_until(model, target.layer, x)
     target.objective_value(target.response(z)).backward()
@@ -99,7 +99,7 @@ def _naive(model, x, graph, target) -> None:
     import torch
     import torch.nn.functional as F
 
-    from netcarve.hooks import forward_until
+    from netcarve.core.hooks import forward_until
 
     relevant = graph.relevant_kernels(target.layer, target.channels)
     modules = dict(model.named_modules())

@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-from netcarve.ablation import AblationEngine, ablate_naive, compare_stats, single_removals
-from netcarve.car import greedy_prune, order_agreement
-from netcarve.evaluation import reference_data
+from netcarve.car.engine import AblationEngine
+from netcarve.car.greedy import greedy_prune, order_agreement
+from netcarve.car.naive import ablate_naive, single_removals
+from netcarve.car.stats import compare_stats
+from netcarve.training.evaluation import reference_data
 from netcarve.zoo import load_model
 
 

@@ -22,8 +22,8 @@ TARGET = "features.11:5"
 def child(n_scoring: int) -> None:
     import torch
 
-    from netcarve.circuit import extract
-    from netcarve.evaluation import analysis_data
+    from netcarve.circuits.extract import extract
+    from netcarve.training.evaluation import analysis_data
     from netcarve.zoo import load_model
 
     lm = load_model("fmnist_vgg")

@@ -33,9 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netcarve.evaluation import analysis_data
-    from netcarve.featureviz import build_graph, layer_activations, visualize
-    from netcarve.functional import _class_preference_loop, class_preference
+    from netcarve.function.descriptors import _class_preference_loop, class_preference
+    from netcarve.training.evaluation import analysis_data
+    from netcarve.viz.render import build_graph, layer_activations, visualize
     from netcarve.zoo import load_model
 
     lm = load_model("fmnist_vgg")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from netcarve.evaluation import analysis_data
-from netcarve.graph import ModelGraph
-from netcarve.sweep import pick_units, sweep
+from netcarve.circuits.sweep import pick_units, sweep
+from netcarve.core.graph import ModelGraph
+from netcarve.training.evaluation import analysis_data
 from netcarve.zoo import load_model
 
 CRITERIA = ("actgrad", "snip", "force", "magnitude", "random")

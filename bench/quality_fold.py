@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from netcarve.evaluation import reference_data
-from netcarve.functional import compare_pruning, functional_prune, magnitude_masks
+from netcarve.function.pruning import compare_pruning, functional_prune, magnitude_masks
+from netcarve.training.evaluation import reference_data
 from netcarve.zoo import load_model
 
 LAYERS = ["features.4", "features.7", "features.11", "features.14"]

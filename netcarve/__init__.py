@@ -12,31 +12,37 @@ Example:
 __version__ = "0.1.0"
 
 # __version__ comes first: submodules read it while this package is still initialising.
-from .car import car_compress, car_scores, classwise_car, greedy_prune
-from .circuit import Circuit, extract, select_top_k
-from .colour import colour_selectivity
-from .compress import PrunedModel, load_pruned, prune_filters
-from .criteria import CRITERIA, get_criterion
-from .data import ImageFolderDataset, ImageStream, as_stream, image_folder_loader
-from .diagram import write_diagram
-from .errors import NetcarveError
-from .evaluation import analysis_data, analysis_streams, evaluate, reference_data
-from .featureviz import dataset_examples, receptive_field, visualize
-from .finetune import finetune
-from .fold import fold_lstsq
-from .functional import (
-    class_preference,
-    cluster_filters,
-    defection,
-    describe_filters,
-    functional_prune,
-)
-from .graph import ModelGraph
-from .hooks import apply_filter_masks, apply_kernel_masks, capture, forward_until
-from .subcircuits import subcircuits
-from .sweep import sweep
-from .targets import Target
-from .zoo import ZOO, Preset, load_model
+from netcarve._compat import install as _install_old_paths
+from netcarve.car.colour import colour_selectivity
+from netcarve.car.compress import car_compress
+from netcarve.car.greedy import greedy_prune
+from netcarve.car.scores import car_scores, classwise_car
+from netcarve.circuits.circuit import Circuit, select_top_k
+from netcarve.circuits.extract import extract
+from netcarve.circuits.subcircuits import subcircuits
+from netcarve.circuits.sweep import sweep
+from netcarve.core.errors import NetcarveError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import apply_filter_masks, apply_kernel_masks, capture, forward_until
+from netcarve.core.targets import Target
+from netcarve.criteria import CRITERIA, get_criterion
+from netcarve.data import ImageFolderDataset, ImageStream, as_stream, image_folder_loader
+from netcarve.diagram import write_diagram
+from netcarve.function.clustering import cluster_filters
+from netcarve.function.defection import defection
+from netcarve.function.descriptors import class_preference, describe_filters
+from netcarve.function.pruning import functional_prune
+from netcarve.surgery.fold import fold_lstsq
+from netcarve.surgery.prune import prune_filters
+from netcarve.surgery.pruned import PrunedModel, load_pruned
+from netcarve.training.evaluation import analysis_data, analysis_streams, evaluate, reference_data
+from netcarve.training.finetune import finetune
+from netcarve.viz.examples import dataset_examples
+from netcarve.viz.receptive_field import receptive_field
+from netcarve.viz.render import visualize
+from netcarve.zoo import ZOO, Preset, load_model
+
+_install_old_paths()  # netcarve.ablation, netcarve.circuit, ... keep working for one release
 
 __all__ = [
     "CRITERIA",

@@ -12,19 +12,12 @@ from _nets import make
 from _state import assert_unchanged, snapshot
 from torch import nn
 
-from netcarve.ablation import (
-    AblationEngine,
-    AblationError,
-    AblationStats,
-    Metric,
-    ablate,
-    ablate_naive,
-    compare_stats,
-    resolve_metric,
-    single_removals,
-)
-from netcarve.errors import DataError
-from netcarve.graph import GraphError, ModelGraph
+from netcarve.car.engine import AblationEngine, ablate
+from netcarve.car.naive import ablate_naive, single_removals
+from netcarve.car.stats import AblationError, AblationStats, Metric, compare_stats, resolve_metric
+from netcarve.core.errors import DataError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.layers import GraphError
 from netcarve.zoo import FASHION_MNIST_PRESET, ZOO
 
 
@@ -171,9 +164,9 @@ def test_linear_shortcut_on_fmnist_vgg(layer: str) -> None:
 def test_linear_shortcut_is_turned_off_when_the_check_fails(monkeypatch) -> None:
     """If the one-time check against the real layer disagrees, the engine runs the layer
     instead (and still gives the naive loop's numbers)."""
-    import netcarve.ablation as ablation
+    import netcarve.car._shortcut as shortcut
 
-    monkeypatch.setattr(ablation, "_close", lambda fast, real: False)
+    monkeypatch.setattr(shortcut, "_close", lambda fast, real: False)
     net, x, y = labelled("plain", n=20, seed=8)
     cand = candidates(6)
     got = AblationEngine(net, x, y, batch_size=10).evaluate("features.4", cand)
@@ -292,7 +285,7 @@ def test_stats_to_dict() -> None:
 
 @pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
 def test_strided_max_pool_is_bitwise_equal_to_max_pool(kernel):
-    from netcarve.ablation import _strided_max_pool
+    from netcarve.car._plan import _strided_max_pool
 
     torch.manual_seed(0)
     pool = torch.nn.MaxPool2d(kernel)

@@ -10,8 +10,10 @@ import copy
 import pytest
 import torch
 
-from netcarve.ablation import ablate, ablate_naive, compare_stats, single_removals
-from netcarve.evaluation import reference_data
+from netcarve.car.engine import ablate
+from netcarve.car.naive import ablate_naive, single_removals
+from netcarve.car.stats import compare_stats
+from netcarve.training.evaluation import reference_data
 from netcarve.zoo import load_model
 
 DEVICES = [

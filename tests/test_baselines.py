@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from _nets import make
 from torch import nn
 
-from netcarve.ablation import AblationError
-from netcarve.baselines import BASELINES, baseline_order, baseline_scores, compare_methods
-from netcarve.graph import ModelGraph
-from netcarve.hooks import apply_filter_masks
+from netcarve.car.baselines import BASELINES, baseline_order, baseline_scores, compare_methods
+from netcarve.car.stats import AblationError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import apply_filter_masks
 
 
 @pytest.fixture(autouse=True)

@@ -11,19 +11,13 @@ import torch
 import torch.nn.functional as F
 from _nets import make
 
-from netcarve.ablation import AblationError
-from netcarve.car import (
-    car_compress,
-    car_scores,
-    classwise_car,
-    greedy_prune,
-    kendall_tau,
-    order_agreement,
-    resolve_layers,
-)
-from netcarve.compress import CompressError
-from netcarve.graph import ModelGraph
-from netcarve.hooks import apply_filter_masks
+from netcarve.car.compress import car_compress
+from netcarve.car.greedy import greedy_prune, kendall_tau, order_agreement
+from netcarve.car.scores import car_scores, classwise_car, resolve_layers
+from netcarve.car.stats import AblationError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import apply_filter_masks
+from netcarve.surgery.pruned import CompressError
 
 
 @pytest.fixture(autouse=True)
@@ -199,8 +193,8 @@ def test_car_compress_equals_masked_and_reports(data) -> None:
 
 
 def test_finetune_is_seeded_and_leaves_the_model_alone(data) -> None:
-    from netcarve.errors import DataError
-    from netcarve.finetune import FinetuneError, finetune
+    from netcarve.core.errors import DataError
+    from netcarve.training.finetune import FinetuneError, finetune
 
     net, x, y, _ = data
     net = copy.deepcopy(net).float()  # the fixture's net is shared: work on a copy

@@ -6,9 +6,10 @@ import pytest
 import torch
 from _nets import make
 
-from netcarve.circuit import CircuitError, count, extract, select_top_k
-from netcarve.graph import ModelGraph
-from netcarve.hooks import apply_kernel_masks, forward_until
+from netcarve.circuits.circuit import CircuitError, count, select_top_k
+from netcarve.circuits.extract import extract
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import apply_kernel_masks, forward_until
 
 
 def snapshot(model):
@@ -153,7 +154,7 @@ def test_bad_keep_is_refused(bad):
 
 
 def test_unknown_layer_and_channel_errors_name_the_fix():
-    from netcarve.graph import GraphError
+    from netcarve.core.layers import GraphError
 
     net, _ = make("plain", double=False)
     x = net.example_input(4)
@@ -166,8 +167,8 @@ def test_unknown_layer_and_channel_errors_name_the_fix():
 def test_streamed_responses_do_not_keep_whole_layer_outputs_alive():
     # Memory must not grow with the number of images: each yielded response owns only its
     # target channel, not the full [N, channels, H, W] layer output it was sliced from.
-    from netcarve.circuit import target_responses
-    from netcarve.targets import Target
+    from netcarve.circuits.extract import target_responses
+    from netcarve.core.targets import Target
 
     net, _ = make("plain", double=False)
     x = net.example_input(12)
@@ -182,7 +183,7 @@ def test_streamed_responses_do_not_keep_whole_layer_outputs_alive():
 
 
 def test_score_kernels_accepts_a_target_string():
-    from netcarve.circuit import score_kernels
+    from netcarve.circuits.extract import score_kernels
 
     net, _ = make("plain", double=False)
     x = net.example_input(6)

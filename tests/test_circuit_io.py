@@ -10,15 +10,16 @@ from _nets import make
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from netcarve.circuit import Circuit, extract
-from netcarve.circuit_io import CircuitFileError, load_circuit
+from netcarve.circuits.circuit import Circuit
+from netcarve.circuits.extract import extract
+from netcarve.circuits.files import CircuitFileError, load_circuit
 
 
 @pytest.fixture(scope="module")
 def circuit():
     net, _ = make("resnet", double=False)
     x = net.example_input(12)
-    from netcarve.graph import ModelGraph
+    from netcarve.core.graph import ModelGraph
 
     g = ModelGraph.build(net, x[:1])
     conv = [n for n, i in g.layers.items() if i.kind == "conv"][-1]
@@ -45,7 +46,7 @@ def test_round_trip_is_exact(circuit, tmp_path):
 def test_direction_target_round_trip(tmp_path):
     net, _ = make("plain", double=False)
     x = net.example_input(8)
-    from netcarve.targets import Target
+    from netcarve.core.targets import Target
 
     t = Target.from_direction("features.4", [1, 0, -2, 0, 0, 0.5])
     c = extract(net, t, x, keep=0.5)

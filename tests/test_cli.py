@@ -94,7 +94,7 @@ def test_extract_writes_circuit_and_summary(tmp_path):
         assert key in summary
     assert summary["preservation_heldout"]["n_images"] == 100
     assert summary["selected_kernels"] == round(0.1 * summary["relevant_kernels"])
-    from netcarve.circuit import Circuit
+    from netcarve.circuits.circuit import Circuit
 
     c = Circuit.load(out / "circuit.safetensors")
     assert c.kept_kernels == summary["kept_kernels"]

@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from netcarve.cli_car import car
-from netcarve.compress import load_pruned
-from netcarve.evaluation import reference_data
-from netcarve.graph import ModelGraph
-from netcarve.hooks import apply_filter_masks
+from netcarve.cli.car import car
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import apply_filter_masks
+from netcarve.surgery.pruned import load_pruned
+from netcarve.training.evaluation import reference_data
 from netcarve.zoo import FASHION_MNIST_PRESET
 
 SPEC = "test_cli_car:tiny_fmnist"
@@ -164,16 +164,16 @@ def test_empty_image_folder(tmp_path) -> None:
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_curves_reuse_the_greedy_order_and_never_rerun_greedy(tmp_path, monkeypatch,
                                                                scope) -> None:
-    import netcarve.car
+    import netcarve.car.greedy
 
     calls = []
-    real = netcarve.car.greedy_prune
+    real = netcarve.car.greedy.greedy_prune
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(netcarve.car, "greedy_prune", counting)
+    monkeypatch.setattr(netcarve.car.greedy, "greedy_prune", counting)
     res = run("--layers", "conv1,conv2", "--prune", "0.5", "--scope", scope, "--lazy",
               "--images", "30", "--eval-images", "20", "--curve-points", "2",
               "--batch-size", "30", "--out", str(tmp_path / "o"), "--json")

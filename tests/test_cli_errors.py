@@ -20,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import netcarve.zoo
-from netcarve.circuit import extract
-from netcarve.cli import cli
-from netcarve.cli_diagram import diagram
-from netcarve.cli_errors import EXIT_BUG, EXIT_DATA, EXIT_INTERRUPTED, classify, report
-from netcarve.errors import DataError, ModelSpecError, WeightsError
+from netcarve.circuits.extract import extract
+from netcarve.cli.diagram import diagram
+from netcarve.cli.errors import EXIT_BUG, EXIT_DATA, EXIT_INTERRUPTED, classify, report
+from netcarve.cli.main import cli
+from netcarve.core.errors import DataError, ModelSpecError, WeightsError
 
 TESTS = Path(__file__).parent
 
@@ -95,7 +95,7 @@ def test_any_non_zoo_label_is_only_a_label(circuit, tmp_path, label, code, text)
 
 
 def test_a_zoo_label_is_used_and_a_different_model_flag_is_reported(tmp_path):
-    from netcarve.graph import ModelGraph
+    from netcarve.core.graph import ModelGraph
     from netcarve.zoo import load_model
 
     lm = load_model("fmnist_vgg")
@@ -211,7 +211,7 @@ def test_each_kind_of_malformed_header_is_exit_3_with_one_line(circuit, tmp_path
 
 
 def test_the_header_size_limit_is_enforced(circuit, tmp_path, monkeypatch):
-    import netcarve.circuit_io as circuit_io
+    import netcarve.circuits.files as circuit_io
 
     path = tmp_path / "c.safetensors"
     circuit.save(path)

@@ -8,7 +8,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from netcarve.cli_featureviz import COMMANDS
+from netcarve.cli.featureviz import COMMANDS
 
 
 @click.group()
@@ -46,8 +46,8 @@ def test_visualize_writes_grid_channel_pngs_tensors_and_summary(tmp_path):
 
 
 def test_visualize_a_circuit_beside_the_original(tmp_path):
-    from netcarve.circuit import extract
-    from netcarve.evaluation import analysis_data
+    from netcarve.circuits.extract import extract
+    from netcarve.training.evaluation import analysis_data
     from netcarve.zoo import load_model
 
     lm = load_model("fmnist_vgg")

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from netcarve.ablation import AblationError
-from netcarve.colour import (
+from netcarve.car.colour import (
     ColourReport,
     colour_selectivity,
     colour_vs_pruning,
@@ -17,6 +16,7 @@ from netcarve.colour import (
     response_colour_index,
     weight_colour_index,
 )
+from netcarve.car.stats import AblationError
 from netcarve.data import make_shapes
 from netcarve.zoo import FASHION_MNIST_PRESET, SHAPES_PRESET, ZOO
 from netcarve.zoo.preset import Preset

@@ -9,17 +9,12 @@ import torch
 from _nets import CatNet, make
 from torch import nn
 
-from netcarve.compress import (
-    CompressError,
-    count_macs,
-    count_parameters,
-    load_pruned,
-    prunable_layers,
-    prune_filters,
-)
-from netcarve.errors import ModelSpecError
-from netcarve.graph import ModelGraph
-from netcarve.hooks import apply_filter_masks
+from netcarve.core.costs import count_macs, count_parameters
+from netcarve.core.errors import ModelSpecError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import apply_filter_masks
+from netcarve.surgery.prune import prunable_layers, prune_filters
+from netcarve.surgery.pruned import CompressError, load_pruned
 from netcarve.zoo import ZOO
 from netcarve.zoo.torchvision_models import resnet18, vgg11_bn
 

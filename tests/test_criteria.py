@@ -7,6 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from netcarve.core.errors import NetcarveError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.targets import Target
 from netcarve.criteria import (
     CRITERIA,
     Criterion,
@@ -17,9 +20,6 @@ from netcarve.criteria import (
     get_criterion,
 )
 from netcarve.criteria.force import push_below, top_k_masks
-from netcarve.errors import NetcarveError
-from netcarve.graph import ModelGraph
-from netcarve.targets import Target
 
 DATA_CRITERIA = ["actgrad", "snip", "force"]
 

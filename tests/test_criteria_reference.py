@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netcarve.core.graph import ModelGraph
+from netcarve.core.targets import Target
 from netcarve.criteria import ScoringContext, get_criterion
 from netcarve.criteria import actgrad as actgrad_module
 from netcarve.criteria._forward import layer_grad_batches
-from netcarve.graph import ModelGraph
-from netcarve.targets import Target
 
 RTOL = 1e-5
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from netcarve.core.errors import DataError
 from netcarve.data import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
@@ -18,7 +19,6 @@ from netcarve.data import (
     read_idx,
 )
 from netcarve.data import fashion_mnist as fm
-from netcarve.errors import DataError
 
 REAL_DIR = Path(DEFAULT_FASHION_MNIST_DIR)
 needs_real = pytest.mark.skipif(

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from netcarve.core.errors import DataError
 from netcarve.data import FASHION_MNIST_CLASSES, ImageFolderData, load_image_folder
-from netcarve.errors import DataError
 from netcarve.zoo.preset import Preset
 
 RGB8 = Preset(8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

@@ -12,11 +12,12 @@ from _state import assert_unchanged, snapshot
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from netcarve.circuit import data_fingerprint, extract
+from netcarve.circuits.circuit import data_fingerprint
+from netcarve.circuits.extract import extract
+from netcarve.core.errors import DataError
 from netcarve.data import ImageFolderDataset, as_stream, image_folder_loader, load_image_folder
 from netcarve.data.stream import ImageStream, fingerprint_batches
-from netcarve.errors import DataError
-from netcarve.evaluation import analysis_data, analysis_streams, evaluate
+from netcarve.training.evaluation import analysis_data, analysis_streams, evaluate
 from netcarve.zoo.preset import Preset
 
 RGB8 = Preset(8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("a", "b", "c"))
@@ -224,8 +225,8 @@ def test_stream_object_passes_through_as_stream():
 
 
 def test_dataset_examples_and_class_preference_on_a_loader_equal_the_tensor_results():
-    from netcarve.featureviz import dataset_examples
-    from netcarve.functional import class_preference
+    from netcarve.function.descriptors import class_preference
+    from netcarve.viz.examples import dataset_examples
 
     model, _ = make("plain", seed=0, double=False)
     x = torch.randn(21, 3, 8, 8)

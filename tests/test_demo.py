@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from netcarve.demo import run_demo
+from netcarve.reproduce.demo import run_demo
 
 
 @pytest.mark.slow

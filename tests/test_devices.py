@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from netcarve.devices import DeviceError, resolve_device
+from netcarve.core.devices import DeviceError, resolve_device
 from netcarve.zoo import load_model
 
 

@@ -17,8 +17,12 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from netcarve.circuit import Circuit, extract
-from netcarve.cli_diagram import diagram
+from netcarve.circuits.circuit import Circuit
+from netcarve.circuits.extract import extract
+from netcarve.cli.diagram import diagram
+from netcarve.core.errors import NetcarveError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.targets import Target
 from netcarve.data import make_shapes
 from netcarve.diagram import (
     DiagramError,
@@ -40,10 +44,7 @@ from netcarve.diagram import (
 from netcarve.diagram.graph_json import synthetic_diagram
 from netcarve.diagram.layout import count_crossings
 from netcarve.diagram.pictures import NodePicture, png_data_uri
-from netcarve.errors import NetcarveError
-from netcarve.evaluation import analysis_data
-from netcarve.graph import ModelGraph
-from netcarve.targets import Target
+from netcarve.training.evaluation import analysis_data
 from netcarve.zoo import Preset, load_model
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from netcarve.circuit import extract
+from netcarve.circuits.extract import extract
 from netcarve.diagram import circuit_to_json, render_html
 from netcarve.diagram.graph_json import synthetic_diagram
-from netcarve.evaluation import analysis_data
+from netcarve.training.evaluation import analysis_data
 from netcarve.zoo import load_model
 
 CHROMIUM = Path("/usr/bin/chromium")

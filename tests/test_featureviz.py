@@ -8,27 +8,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netcarve.featureviz import (
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import forward_until
+from netcarve.core.layers import GraphError
+from netcarve.core.targets import Target, TargetError
+from netcarve.viz.examples import DatasetExamples, dataset_examples
+from netcarve.viz.parameterization import (
     SHAPES_RGB_COVARIANCE,
-    DatasetExamples,
     FeatureVizError,
-    ReceptiveFieldError,
-    Transforms,
-    build_graph,
     colour_covariance,
     colour_decorrelation,
-    dataset_examples,
-    featureviz_pictures,
-    layer_activations,
-    plot_channel,
-    plot_grid,
-    receptive_field,
-    resolve_targets,
-    visualize,
 )
-from netcarve.graph import GraphError, ModelGraph
-from netcarve.hooks import forward_until
-from netcarve.targets import Target, TargetError
+from netcarve.viz.pictures import featureviz_pictures, plot_channel, plot_grid
+from netcarve.viz.receptive_field import ReceptiveFieldError, receptive_field
+from netcarve.viz.render import build_graph, layer_activations, resolve_targets, visualize
+from netcarve.viz.transforms import Transforms
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def vgg_graph(vgg):
 
 @pytest.fixture(scope="module")
 def probe(vgg):
-    from netcarve.evaluation import analysis_data
+    from netcarve.training.evaluation import analysis_data
 
     x, _ = analysis_data(vgg.preset, 200, 1, seed=0)
     return x
@@ -302,7 +296,7 @@ def test_clear_errors(vgg, vgg_graph):
 
 
 def test_visualising_a_circuit_node_uses_the_circuit(vgg, vgg_graph, probe):
-    from netcarve.circuit import extract
+    from netcarve.circuits.extract import extract
 
     circuit = extract(vgg.model, "features.4:3", probe[:64], keep=0.05, measure=False,
                       graph=vgg_graph)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netcarve.compress import CompressError, prune_filters
-from netcarve.fold import FoldError, fold_lstsq
+from netcarve.surgery.fold import FoldError, fold_lstsq
+from netcarve.surgery.prune import prune_filters
+from netcarve.surgery.pruned import CompressError
 from tests._nets import TinyResNet
 from tests._state import assert_unchanged, snapshot
 

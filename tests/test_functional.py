@@ -9,24 +9,28 @@ import pytest
 import torch
 from torch import nn
 
-from netcarve.functional import (
+from netcarve.core.layers import GraphError
+from netcarve.function.clustering import (
     FilterClusters,
-    FunctionalError,
-    _class_preference_loop,
     _silhouette,
     cka_similarity,
-    class_preference,
     cluster_filters,
-    compare_pruning,
-    defection,
-    describe_filters,
-    filter_importance,
     filter_similarity,
-    functional_prune,
     keep_representatives,
+)
+from netcarve.function.defection import defection
+from netcarve.function.descriptors import (
+    FunctionalError,
+    _class_preference_loop,
+    class_preference,
+    describe_filters,
+)
+from netcarve.function.pruning import (
+    compare_pruning,
+    filter_importance,
+    functional_prune,
     magnitude_masks,
 )
-from netcarve.graph import GraphError
 
 try:  # tests/ as a package or as a plain folder on sys.path
     from tests import _nets
@@ -43,7 +47,7 @@ def vgg():
 
 @pytest.fixture(scope="module")
 def data(vgg):
-    from netcarve.evaluation import reference_data
+    from netcarve.training.evaluation import reference_data
 
     x, y = reference_data(vgg.preset, "train", limit=600)
     xt, yt = reference_data(vgg.preset, "test", limit=300)

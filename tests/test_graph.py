@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netcarve.errors import NetcarveError
-from netcarve.graph import ChannelLink, GraphError, MaskError, ModelGraph
-from netcarve.hooks import apply_kernel_masks, capture, forward_until
+from netcarve.core.errors import NetcarveError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import apply_kernel_masks, capture, forward_until
+from netcarve.core.layers import ChannelLink, GraphError, MaskError
 
 try:  # tests/ as a package or as a plain folder on sys.path
     from tests import _nets

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from netcarve.graph import GraphError, MaskError, ModelGraph
-from netcarve.hooks import (
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import (
     apply_filter_masks,
     apply_kernel_masks,
     capture,
@@ -19,6 +19,7 @@ from netcarve.hooks import (
     resolve_module,
     stop_at,
 )
+from netcarve.core.layers import GraphError, MaskError
 
 try:  # tests/ as a package or as a plain folder on sys.path
     from tests import _nets

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_data_fashion_mnist import fake_dataset, write_split
 
-from netcarve.circuit import extract
-from netcarve.cli import main
+from netcarve.circuits.extract import extract
+from netcarve.cli.main import main
 from netcarve.data import fashion_mnist as fm
 from netcarve.zoo import load_model
 
@@ -296,8 +296,8 @@ def test_output_paths(case, args, code, text, files, tmp_path, capsys):
 
 
 def test_nan_or_inf_images_are_refused_by_the_api():
-    from netcarve.car import car_scores
-    from netcarve.errors import DataError
+    from netcarve.car.scores import car_scores
+    from netcarve.core.errors import DataError
 
     model = load_model("fmnist_vgg").model
     x = torch.zeros(12, 1, 28, 28).normal_(generator=torch.Generator().manual_seed(1))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from netcarve.run_folder import manifest_name, run_folder
+from netcarve.cli.run_folder import manifest_name, run_folder
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 from _state import assert_unchanged, snapshot
 
-from netcarve.car import car_scores
-from netcarve.circuit import extract, score_kernels
-from netcarve.compress import prune_filters
-from netcarve.errors import NetcarveError
-from netcarve.featureviz import visualize
-from netcarve.functional import describe_filters, functional_prune
-from netcarve.graph import ModelGraph
+from netcarve.car.scores import car_scores
+from netcarve.circuits.extract import extract, score_kernels
+from netcarve.core.errors import NetcarveError
+from netcarve.core.graph import ModelGraph
+from netcarve.function.descriptors import describe_filters
+from netcarve.function.pruning import functional_prune
+from netcarve.surgery.prune import prune_filters
+from netcarve.viz.render import visualize
 from netcarve.zoo import load_model
 
 

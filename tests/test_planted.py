@@ -17,21 +17,19 @@ import pytest
 import torch
 from torch.func import functional_call, vmap
 
-from netcarve.circuit import extract, measure_preservation
-from netcarve.criteria import CriterionError
-from netcarve.planted import (
+from netcarve.benchmarks.planted import PlantedReport, planted_benchmark, run_planted
+from netcarve.benchmarks.planted_models import (
     ARCHITECTURES,
     COLUMNS,
     GROUND_TRUTH,
     ZERO,
     PlantedCase,
     PlantedError,
-    PlantedReport,
     build_planted,
-    planted_benchmark,
-    run_planted,
 )
-from netcarve.targets import Target
+from netcarve.circuits.extract import extract, measure_preservation
+from netcarve.core.targets import Target
+from netcarve.criteria import CriterionError
 
 Kernel = tuple[str, int, int]
 

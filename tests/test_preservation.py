@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from netcarve.preservation import PreservationMeter
+from netcarve.circuits.preservation import PreservationMeter
 
 
 def test_streamed_pearson_equals_numpy_on_concatenation():

@@ -8,10 +8,11 @@ import pytest
 import torch
 from _nets import make
 
-from netcarve.ablation import AblationEngine, AblationError, ForwardCounts
-from netcarve.car import greedy_prune
-from netcarve.graph import ModelGraph
-from netcarve.racing import _schedule, race_step, sign_test_pvalues
+from netcarve.car.engine import AblationEngine
+from netcarve.car.greedy import greedy_prune
+from netcarve.car.racing import _schedule, race_step, sign_test_pvalues
+from netcarve.car.stats import AblationError, ForwardCounts
+from netcarve.core.graph import ModelGraph
 
 
 @pytest.fixture(autouse=True)

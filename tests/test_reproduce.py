@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from netcarve.cli import cli
+from netcarve.cli.main import cli
 from netcarve.reproduce import EXPERIMENTS
 from netcarve.reproduce.car import CarSettings, run_car
 from netcarve.reproduce.circuits import CircuitsSettings, plan_units, run_circuits, statistics

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from netcarve.run_folder import OutputFolderError, manifest_name, run_folder
+from netcarve.cli.run_folder import OutputFolderError, manifest_name, run_folder
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -125,7 +125,7 @@ def test_an_existing_file_or_unwritable_folder_is_a_clear_error(tmp_path):
 
 def test_permission_denied_is_a_clear_error_also_for_root(tmp_path, monkeypatch):
     # Root ignores a folder's mode bits, so the refusal is simulated where the OS would raise it.
-    import netcarve.run_folder as rf
+    import netcarve.cli.run_folder as rf
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(args[0]))
@@ -145,7 +145,7 @@ def test_a_run_killed_outright_is_undone_by_the_next_one(tmp_path):
     _run(out, {"summary.json": "old", "a.csv": "old"})
     script = textwrap.dedent(f"""
         import os, pathlib
-        from netcarve.run_folder import run_folder
+        from netcarve.cli.run_folder import run_folder
         with run_folder({str(out)!r}, "netcarve cmd", name="cmd") as out:
             (out / "summary.json").write_text("half")
             (out / "partial.bin").write_text("half")
@@ -177,7 +177,7 @@ def test_two_writers_at_once_the_second_is_refused_naming_the_first(tmp_path):
     ready = tmp_path / "ready"
     script = textwrap.dedent(f"""
         import pathlib, time
-        from netcarve.run_folder import run_folder
+        from netcarve.cli.run_folder import run_folder
         with run_folder({str(out)!r}, "netcarve first --out x", name="cmd") as out:
             pathlib.Path({str(ready)!r}).write_text("1")
             time.sleep(30)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from netcarve.circuit import CircuitError
-from netcarve.evaluation import reference_data
-from netcarve.subcircuits import find_groups, subcircuits
+from netcarve.circuits.circuit import CircuitError
+from netcarve.circuits.subcircuits import find_groups, subcircuits
+from netcarve.training.evaluation import reference_data
 from netcarve.zoo import load_model
 
 

@@ -16,16 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from netcarve.errors import NetcarveError
-from netcarve.graph import ModelGraph
-from netcarve.hooks import apply_kernel_masks, forward_until
-from netcarve.surgery import (
-    CircuitModule,
-    SurgeryError,
-    count_macs,
-    count_parameters,
-    extract_module,
-)
+from netcarve.core.costs import count_macs, count_parameters
+from netcarve.core.errors import NetcarveError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import apply_kernel_masks, forward_until
+from netcarve.surgery._plan import SurgeryError
+from netcarve.surgery.circuit_module import CircuitModule
+from netcarve.surgery.extract import extract_module
 from netcarve.zoo.small_models import FmnistResNet, FmnistVGG
 
 sys.path.insert(0, str(Path(__file__).parent))

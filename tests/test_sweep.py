@@ -9,9 +9,9 @@ import pytest
 import torch
 from _nets import make
 
-from netcarve.evaluation import analysis_data
-from netcarve.graph import ModelGraph
-from netcarve.sweep import COLUMNS, pick_units, sweep
+from netcarve.circuits.sweep import COLUMNS, pick_units, sweep
+from netcarve.core.graph import ModelGraph
+from netcarve.training.evaluation import analysis_data
 from netcarve.zoo import load_model
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from _nets import make
 
-from netcarve.graph import GraphError, ModelGraph
-from netcarve.targets import Target, TargetError
+from netcarve.core.graph import ModelGraph
+from netcarve.core.layers import GraphError
+from netcarve.core.targets import Target, TargetError
 
 
 @pytest.fixture(scope="module")

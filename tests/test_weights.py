@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from netcarve.errors import NetcarveError, WeightsError
-from netcarve.weights import (
+from netcarve.core.errors import NetcarveError, WeightsError
+from netcarve.core.weights import (
     is_safetensors,
     load_weights,
     read_metadata,

@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch
 
-from netcarve.errors import ModelSpecError, WeightsError
-from netcarve.evaluation import evaluate, reference_data
-from netcarve.weights import read_metadata, save_weights
+from netcarve.core.errors import ModelSpecError, WeightsError
+from netcarve.core.weights import read_metadata, save_weights
+from netcarve.training.evaluation import evaluate, reference_data
 from netcarve.zoo import ZOO, load_model
 from netcarve.zoo.small_models import FmnistResNet, FmnistVGG, ShapesCNN
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from netcarve.errors import ModelSpecError
+from netcarve.core.errors import ModelSpecError
 from netcarve.zoo.preset import Preset
 from netcarve.zoo.torchvision_models import (
     IMAGENET_PRESET,

@@ -57,8 +57,8 @@ from netcarve.criteria.random import RandomCriterion
 from netcarve.criteria.snip import Snip
 
 if TYPE_CHECKING:
-    from netcarve.graph import ModelGraph
-    from netcarve.targets import Target
+    from netcarve.core.graph import ModelGraph
+    from netcarve.core.targets import Target
 
 __all__ = [
     "CRITERIA",

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from netcarve.errors import NetcarveError
-from netcarve.hooks import apply_kernel_masks, preserved_state, resolve_module, stop_at
+from netcarve.core.errors import NetcarveError
+from netcarve.core.hooks import apply_kernel_masks, preserved_state, resolve_module, stop_at
 
 if TYPE_CHECKING:
+    from netcarve.core.layers import LayerInfo
     from netcarve.criteria import ScoringContext
-    from netcarve.graph import LayerInfo
 
 __all__ = [
     "CriterionError",

@@ -60,8 +60,8 @@ from netcarve.criteria._forward import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from netcarve.core.layers import LayerInfo
     from netcarve.criteria import ScoringContext
-    from netcarve.graph import LayerInfo
 
 __all__ = ["BLOCK_ELEMENTS", "DEPTHWISE_MAX_ROWS", "ActGrad", "kernel_abs_sums"]
 

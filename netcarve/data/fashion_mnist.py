@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from netcarve.errors import DataError
+from netcarve.core.errors import DataError
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",

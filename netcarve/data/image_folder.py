@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from netcarve.errors import DataError
+from netcarve.core.errors import DataError
 from netcarve.zoo.preset import Preset
 
 __all__ = ["DEFAULT_EXTENSIONS", "ImageFolderData", "ImageFolderDataset", "load_image_folder"]

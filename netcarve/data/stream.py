@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import torch
 
-from netcarve.errors import DataError
+from netcarve.core.errors import DataError
 from netcarve.zoo.preset import Preset
 
 __all__ = [

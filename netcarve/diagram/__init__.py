@@ -23,19 +23,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import NetcarveError
-from ..graph import ModelGraph
-from ..zoo.preset import Preset
-from .graph_json import (
+from netcarve.core.errors import NetcarveError
+from netcarve.core.graph import ModelGraph
+from netcarve.diagram.format import (
     FORMAT,
     FORMAT_VERSION,
     DiagramError,
-    circuit_to_json,
     dump_diagram_json,
     load_diagram_json,
     load_schema,
     validate_diagram,
 )
+from netcarve.diagram.graph_json import circuit_to_json
+
+from ..zoo.preset import Preset
 from .html import render_html
 from .layout import compute_geometry, order_columns
 from .pictures import (

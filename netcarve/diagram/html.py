@@ -25,7 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .graph_json import FORMAT_VERSION, validate_diagram
+from netcarve.diagram.format import FORMAT_VERSION, validate_diagram
+
 from .layout import Geometry, compute_geometry, subtitle
 
 __all__ = ["render_html", "script_json"]

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..graph import ModelGraph
-from ..hooks import capture, preserved_state, stop_at
+from netcarve.core.graph import ModelGraph
+from netcarve.core.hooks import capture, preserved_state, stop_at
+
 from ..zoo.preset import Preset
 
 __all__ = [

@@ -20,8 +20,9 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from ..errors import NetcarveError
-from .graph_json import validate_diagram
+from netcarve.core.errors import NetcarveError
+from netcarve.diagram.format import validate_diagram
+
 from .layout import Geometry, compute_geometry, legend_size, subtitle
 
 __all__ = ["render_png", "render_svg", "subtitle"]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from netcarve._csv import write_rows
+from netcarve.core._csv import write_rows
 from netcarve.reproduce.report import (
     Logger,
     Report,
@@ -163,9 +163,9 @@ def car_vs_baselines(settings: CarSettings, seed: int = 0,
         >>> res = car_vs_baselines(CarSettings.quick())  # doctest: +SKIP
         >>> res["table"][0]["car"]  # doctest: +SKIP
     """
-    from netcarve.baselines import CurveReport, compare_methods
-    from netcarve.car import greedy_prune
-    from netcarve.evaluation import reference_data
+    from netcarve.car.baselines import CurveReport, compare_methods
+    from netcarve.car.greedy import greedy_prune
+    from netcarve.training.evaluation import reference_data
     from netcarve.zoo import load_model
 
     settings.check()
@@ -217,7 +217,7 @@ def half_table(curves: Any, greedy: dict[str, dict[str, Any]]) -> list[dict[str,
         <method>: accuracy ..., best_baseline, best_baseline_accuracy, gain_points,
         gain_relative``.
     """
-    from netcarve.baselines import BASELINES
+    from netcarve.car.baselines import BASELINES
 
     rows = []
     for layer, info in greedy.items():
@@ -241,7 +241,7 @@ def half_table(curves: Any, greedy: dict[str, dict[str, Any]]) -> list[dict[str,
 
 def half_table_markdown(rows: list[dict[str, Any]], finetuned: bool) -> str:
     """The table of :func:`half_table` as Markdown (one row per layer)."""
-    from netcarve.baselines import BASELINES
+    from netcarve.car.baselines import BASELINES
 
     methods = ["car", *BASELINES]
     lines = ["| layer | pruned | unpruned | " + " | ".join(methods)
@@ -277,10 +277,11 @@ def colour_vs_shape(settings: CarSettings, seed: int = 0,
     Example:
         >>> res = colour_vs_shape(CarSettings.quick())  # doctest: +SKIP
     """
-    from netcarve.baselines import baseline_order, baseline_scores
-    from netcarve.car import car_scores, greedy_prune
-    from netcarve.colour import colour_selectivity, colour_vs_pruning
-    from netcarve.evaluation import reference_data
+    from netcarve.car.baselines import baseline_order, baseline_scores
+    from netcarve.car.colour import colour_selectivity, colour_vs_pruning
+    from netcarve.car.greedy import greedy_prune
+    from netcarve.car.scores import car_scores
+    from netcarve.training.evaluation import reference_data
     from netcarve.zoo import load_model
 
     settings.check()
@@ -418,7 +419,7 @@ def run_car(
 
 def _write_report(rep: Report, settings: CarSettings, curves: dict[str, Any],
                   colour: dict[str, Any]) -> None:
-    from netcarve.baselines import BASELINES
+    from netcarve.car.baselines import BASELINES
 
     rep.p("CAR (classification accuracy reduction): a filter's importance is the drop in "
           "top-1 accuracy when it is removed (ties broken by the loss); greedy CAR removes the "

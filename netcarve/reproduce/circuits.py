@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from netcarve._csv import write_rows
+from netcarve.core._csv import write_rows
 from netcarve.reproduce.report import (
     Logger,
     Report,
@@ -122,8 +122,8 @@ def _prepared(model: str, scoring: int, heldout: int, seed: int) -> Any:
     chunks)."""
     key = (model, scoring, heldout, seed)
     if key not in _CACHE:
-        from netcarve.evaluation import analysis_data
-        from netcarve.graph import ModelGraph
+        from netcarve.core.graph import ModelGraph
+        from netcarve.training.evaluation import analysis_data
         from netcarve.zoo import load_model
 
         lm = load_model(model)
@@ -147,8 +147,8 @@ def plan_units(model: str, units: int, seed: int = 0) -> tuple[list[str], list[s
         >>> len(layers), len(targets)
         (4, 60)
     """
-    from netcarve.graph import ModelGraph
-    from netcarve.sweep import pick_units
+    from netcarve.circuits.sweep import pick_units
+    from netcarve.core.graph import ModelGraph
     from netcarve.zoo import load_model
 
     lm = load_model(model)
@@ -166,7 +166,7 @@ def plan_units(model: str, units: int, seed: int = 0) -> tuple[list[str], list[s
 def _sweep_chunk(model: str, targets: list[str], settings: dict[str, Any], seed: int,
                  threads: int | None) -> list[dict[str, Any]]:
     """Sweep a chunk of units of one model (runs in a worker process or in this one)."""
-    from netcarve.sweep import sweep
+    from netcarve.circuits.sweep import sweep
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -137,13 +137,9 @@ def fop_vs_magnitude(settings: FopSettings, threshold: float, *, seed: int = 0,
     Example:
         >>> res = fop_vs_magnitude(FopSettings.quick(), 0.8)  # doctest: +SKIP
     """
-    from netcarve.evaluation import reference_data
-    from netcarve.functional import (
-        compare_pruning,
-        defection,
-        functional_prune,
-        magnitude_masks,
-    )
+    from netcarve.function.defection import defection
+    from netcarve.function.pruning import compare_pruning, functional_prune, magnitude_masks
+    from netcarve.training.evaluation import reference_data
     from netcarve.zoo import load_model
 
     settings.check()

@@ -54,7 +54,7 @@ def run_planted_report(
     Example:
         >>> run_planted_report("out/reproduce/planted", quick=True)  # doctest: +SKIP
     """
-    from netcarve.planted import run_planted
+    from netcarve.benchmarks.planted import run_planted
 
     log = log or quiet()
     out, rep = start_report(

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from netcarve.errors import NetcarveError
+from netcarve.core.errors import NetcarveError
 
 __all__ = [
     "Logger",
@@ -148,7 +148,7 @@ def draw(preset: Any, split: str, n: int, seed: int) -> tuple[torch.Tensor, torc
     Raises:
         ReproduceError: the split has fewer than ``n`` images.
     """
-    from netcarve.evaluation import reference_data
+    from netcarve.training.evaluation import reference_data
 
     x, y = reference_data(preset, split)
     if n > len(x):

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from netcarve._csv import write_rows
+from netcarve.core._csv import write_rows
 from netcarve.reproduce.report import (
     Logger,
     Report,
@@ -120,7 +120,7 @@ class SubfeatureSettings:
 def _peak_responses(model: torch.nn.Module, layer: str, images: torch.Tensor,
                     batch_size: int = 500) -> torch.Tensor:
     """``float [N, C]``: each channel's largest raw response over positions, per image."""
-    from netcarve.hooks import forward_until, preserved_state
+    from netcarve.core.hooks import forward_until, preserved_state
 
     out = []
     with preserved_state(model):
@@ -214,9 +214,9 @@ def scan_units(lm: Any, graph: Any, settings: SubfeatureSettings, seed: int,
     """
     from sklearn.metrics import silhouette_score
 
-    from netcarve.circuit import extract
-    from netcarve.subcircuits import find_groups, per_image_scores
-    from netcarve.sweep import pick_units
+    from netcarve.circuits.extract import extract
+    from netcarve.circuits.subcircuits import find_groups, per_image_scores
+    from netcarve.circuits.sweep import pick_units
 
     pool_x, pool_y, held_x = data
     names = lm.preset.class_names
@@ -399,8 +399,8 @@ def run_subfeatures(
     Example:
         >>> run_subfeatures("out/reproduce/subfeatures", quick=True)  # doctest: +SKIP
     """
-    from netcarve.graph import ModelGraph
-    from netcarve.subcircuits import subcircuits
+    from netcarve.circuits.subcircuits import subcircuits
+    from netcarve.core.graph import ModelGraph
     from netcarve.zoo import load_model
 
     settings = settings or (SubfeatureSettings.quick() if quick else SubfeatureSettings())

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from netcarve.errors import ModelSpecError
+from netcarve.core.errors import ModelSpecError
 from netcarve.zoo.preset import Preset
 
 __all__ = [

@@ -1,0 +1,5 @@
+"""``python -m netcarve.cli``: the same as the ``netcarve`` command."""
+
+from netcarve.cli.main import main
+
+main()

@@ -1,0 +1,79 @@
+"""What a model costs: parameter elements and multiply-adds per image.
+
+Shared by circuit surgery (:mod:`netcarve.surgery`) and structural pruning
+(:mod:`netcarve.compress`) so both report sizes the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from netcarve.core.graph import ModelGraph
+from netcarve.core.layers import GraphError, close_names
+
+__all__ = ["count_macs", "count_parameters"]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once; buffers excluded).
+
+    Args:
+        module: any module.
+
+    Returns:
+        the count.
+
+    Example:
+        >>> count_parameters(nn.Conv2d(3, 4, 3))
+        112
+    """
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _layer_macs(modules: dict[str, nn.Module], graph: ModelGraph, name: str) -> int:
+    info = graph.layers[name]
+    if info.kind == "linear":
+        return info.in_channels * info.spatial * info.out_channels
+    weight = getattr(modules.get(name), "weight", None)
+    kernel = math.prod(weight.shape[2:]) if isinstance(weight, torch.Tensor) else 1
+    out_positions = math.prod(info.output_shape[1:])
+    return info.out_channels * (info.in_channels // info.groups) * kernel * out_positions
+
+
+def count_macs(model: nn.Module, graph: ModelGraph, layers: Iterable[str] | None = None) -> int:
+    """Multiply-adds of one forward pass of one image, from the graph's shapes.
+
+    A conv costs ``out · (in/groups) · kh · kw · H_out · W_out``, a Linear ``in · out`` (per
+    position when it is applied to a feature map); BatchNorm, activations, pooling and
+    additions are not counted.
+
+    Args:
+        model: the model the graph was built from (for the kernel sizes).
+        graph: its :class:`~netcarve.graph.ModelGraph`; its example input fixes the shapes.
+        layers: count only these layers (default: every layer of the graph).
+
+    Returns:
+        the number of multiply-adds.
+
+    Raises:
+        GraphError: a name in ``layers`` is not a layer of the graph (close names listed).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 2 * 2, 3))
+        >>> g = ModelGraph.build(net, torch.zeros(1, 1, 4, 4))
+        >>> count_macs(net, g)  # 2·1·9·4 + 8·3
+        96
+    """
+    modules = dict(model.named_modules())
+    names = list(graph.layers) if layers is None else list(layers)
+    for name in names:
+        if name not in graph.layers:
+            hint = close_names(str(name), graph.layers)
+            raise GraphError(f"unknown layer '{name}'"
+                             + (f"; did you mean {', '.join(hint)}?" if hint else "")
+                             + f" (the graph has {len(graph.layers)} conv/linear layers)")
+    return sum(_layer_macs(modules, graph, name) for name in names)

@@ -9,10 +9,8 @@ Example:
     >>> circuit = nc.extract(lm.model, "features.11:5", scoring, heldout=heldout)  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
-# __version__ comes first: submodules read it while this package is still initialising.
 from netcarve._compat import install as _install_old_paths
+from netcarve._version import __version__
 from netcarve.car.colour import colour_selectivity
 from netcarve.car.compress import car_compress
 from netcarve.car.greedy import greedy_prune

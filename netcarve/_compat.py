@@ -4,9 +4,9 @@
 finder at the end of :data:`sys.meta_path` answers only for these names, so it never shadows a
 real module. An old path that became one new module is that very module object (private names
 and monkeypatching behave as before); one that was split into several is a module holding the
-public names of all of them (their ``__all__``) plus their private helpers. Either way a
-:class:`DeprecationWarning` names the new path. The old paths go away in 0.3; the README lists
-them.
+public names of all of them (their ``__all__``, else the names they define) plus their private
+helpers. Either way a :class:`DeprecationWarning` names the new path. The old paths go away in
+0.3; the README lists them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "ablation": ("netcarve.car.stats", "netcarve.car.naive", "netcarve.car.engine"),
     "baselines": ("netcarve.car.baselines",),
     "circuit": ("netcarve.circuits.circuit", "netcarve.circuits.extract"),
-    "circuit_io": ("netcarve.circuits.files",),
+    "circuit_io": ("netcarve.circuits.files", "netcarve.circuits.circuit"),
     "cli_car": ("netcarve.cli.car",),
     "cli_common": ("netcarve.cli.common",),
     "cli_diagram": ("netcarve.cli.diagram",),
@@ -50,7 +50,9 @@ MOVED: dict[str, tuple[str, ...]] = {
     "planted": ("netcarve.benchmarks.planted_models", "netcarve.benchmarks.planted"),
     "preservation": ("netcarve.circuits.preservation",),
     "racing": ("netcarve.car.racing",),
-    "report": ("netcarve.zoo.report",),
+    "report": ("netcarve.reproduce.zoo_report",),
+    "zoo.preset": ("netcarve.data.preset",),
+    "zoo.report": ("netcarve.reproduce.zoo_report",),
     "run_folder": ("netcarve.cli.run_folder",),
     "subcircuits": ("netcarve.circuits.subcircuits",),
     "sweep": ("netcarve.circuits.sweep",),
@@ -85,7 +87,10 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         names: list[str] = []
         for name in new:
             mod = importlib.import_module(name)
-            public = list(getattr(mod, "__all__", ()))
+            public = list(getattr(mod, "__all__", None) or [
+                k for k, v in vars(mod).items() if not k.startswith("_")
+                and not isinstance(v, types.ModuleType)
+                and getattr(v, "__module__", name) == name])
             own = [k for k, v in vars(mod).items() if k.startswith("_") and not k.startswith("__")
                    and getattr(v, "__module__", None) == name]
             for key in public + own:

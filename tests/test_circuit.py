@@ -5,29 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from _nets import make
+from _state import assert_unchanged, snapshot
 
 from netcarve.circuits.circuit import CircuitError, count, select_top_k
 from netcarve.circuits.extract import extract
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import apply_kernel_masks, forward_until
-
-
-def snapshot(model):
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: m.training for n, m in model.named_modules()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-    )
-
-
-def assert_unchanged(model, snap):
-    state, modes, grads = snap
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    assert {n: m.training for n, m in model.named_modules()} == modes
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    for m in model.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks
 
 
 def test_select_top_k_is_exact_with_deterministic_ties():

@@ -10,9 +10,9 @@ from _nets import make
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from netcarve.circuits.circuit import Circuit
+from netcarve.circuits.circuit import Circuit, load_circuit
 from netcarve.circuits.extract import extract
-from netcarve.circuits.files import CircuitFileError, load_circuit
+from netcarve.circuits.files import CircuitFileError
 
 
 @pytest.fixture(scope="module")

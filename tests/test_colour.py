@@ -18,8 +18,8 @@ from netcarve.car.colour import (
 )
 from netcarve.car.stats import AblationError
 from netcarve.data import make_shapes
+from netcarve.data.preset import Preset
 from netcarve.zoo import FASHION_MNIST_PRESET, SHAPES_PRESET, ZOO
-from netcarve.zoo.preset import Preset
 
 
 @pytest.fixture(autouse=True)

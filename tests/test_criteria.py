@@ -5,6 +5,7 @@ from __future__ import annotations
 import _nets
 import pytest
 import torch
+from _state import assert_unchanged, snapshot
 from torch import nn
 
 from netcarve.core.errors import NetcarveError
@@ -33,30 +34,6 @@ def make_ctx(name: str = "plain", spec: str = "features.4:2", batch: int = 4, **
     ctx = ScoringContext(net, graph, target, lambda: iter(batches), layers=list(relevant),
                          relevant=relevant, **kw)
     return net, x, graph, ctx
-
-
-def snapshot(net: nn.Module) -> dict:
-    return {
-        "params": {n: (p, p.detach().clone(), p.requires_grad, p.grad)
-                   for n, p in net.named_parameters()},
-        "buffers": {n: b.detach().clone() for n, b in net.named_buffers()},
-        "training": {n: m.training for n, m in net.named_modules()},
-    }
-
-
-def assert_restored(net: nn.Module, snap: dict) -> None:
-    for n, p in net.named_parameters():
-        obj, values, flag, grad = snap["params"][n]
-        assert p is obj, n
-        assert torch.equal(p.detach(), values), n  # bitwise
-        assert p.requires_grad == flag, n
-        assert p.grad is grad, n
-    for n, b in net.named_buffers():
-        assert torch.equal(b, snap["buffers"][n]), n
-    for n, m in net.named_modules():
-        assert m.training == snap["training"][n], n
-        assert not m._forward_hooks and not m._forward_pre_hooks, n
-        assert not m._backward_hooks and not getattr(m, "_backward_pre_hooks", {}), n
 
 
 # ----------------------------------------------------------------------------- registry
@@ -172,7 +149,7 @@ def test_model_comes_back_unchanged(name, granularity):
     snap = snapshot(net)
     crit = CRITERIA[name]
     (crit.kernel_scores if granularity == "kernel" else crit.filter_scores)(ctx)
-    assert_restored(net, snap)
+    assert_unchanged(net, snap)
     assert net.fc.weight.grad is existing and torch.equal(existing, torch.ones_like(existing))
 
 
@@ -194,7 +171,7 @@ def test_model_restored_after_exception_in_batches(name):
     ctx.batches = batches
     with pytest.raises(Boom):
         CRITERIA[name].kernel_scores(ctx)
-    assert_restored(net, snap)
+    assert_unchanged(net, snap)
 
 
 def test_scoring_runs_in_eval_mode_and_stops_at_target():

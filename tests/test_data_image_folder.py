@@ -11,7 +11,7 @@ from PIL import Image
 
 from netcarve.core.errors import DataError
 from netcarve.data import FASHION_MNIST_CLASSES, ImageFolderData, load_image_folder
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 RGB8 = Preset(8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 GREY4 = Preset(4, 1, (0.0,), (1.0,))

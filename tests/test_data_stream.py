@@ -16,9 +16,9 @@ from netcarve.circuits.circuit import data_fingerprint
 from netcarve.circuits.extract import extract
 from netcarve.core.errors import DataError
 from netcarve.data import ImageFolderDataset, as_stream, image_folder_loader, load_image_folder
+from netcarve.data.preset import Preset
 from netcarve.data.stream import ImageStream, fingerprint_batches
 from netcarve.training.evaluation import analysis_data, analysis_streams, evaluate
-from netcarve.zoo.preset import Preset
 
 RGB8 = Preset(8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("a", "b", "c"))
 

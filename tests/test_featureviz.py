@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _state import assert_unchanged, snapshot
 from torch import nn
 
 from netcarve.core.graph import ModelGraph
@@ -173,38 +174,15 @@ def test_colour_covariance_constant_matches_the_shapes_data():
 # --------------------------------------------------------------------------- visualize
 
 
-def _state(model: nn.Module) -> dict:
-    return {
-        "params": {n: (p, p.detach().clone(), p.requires_grad) for n, p in
-                   model.named_parameters()},
-        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-                     + len(m._backward_hooks) for m in model.modules()),
-    }
-
-
-def _assert_same(model: nn.Module, before: dict) -> None:
-    after = _state(model)
-    assert after["hooks"] == before["hooks"]
-    assert after["training"] == before["training"]
-    for n, (p, value, flag) in before["params"].items():
-        q = dict(model.named_parameters())[n]
-        assert q is p and torch.equal(q.detach(), value) and q.requires_grad == flag
-        assert q.grad is None
-    for n, b in before["buffers"].items():
-        assert torch.equal(dict(model.named_buffers())[n], b)
-
-
 def test_visualize_is_seeded_and_leaves_the_model_exactly_as_it_was(vgg, vgg_graph):
     model = vgg.model
     model.train()
     model.features[0].weight.requires_grad_(False)
     try:
-        before = _state(model)
+        before = snapshot(model)
         kw = dict(channels=[0, 5], preset=vgg.preset, steps=4, graph=vgg_graph)
         a = visualize(model, "features.4", seed=3, **kw)
-        _assert_same(model, before)
+        assert_unchanged(model, before)
         b = visualize(model, "features.4", seed=3, **kw)
         c = visualize(model, "features.4", seed=4, **kw)
     finally:
@@ -300,11 +278,11 @@ def test_visualising_a_circuit_node_uses_the_circuit(vgg, vgg_graph, probe):
 
     circuit = extract(vgg.model, "features.4:3", probe[:64], keep=0.05, measure=False,
                       graph=vgg_graph)
-    before = _state(vgg.model)
+    before = snapshot(vgg.model)
     kw = dict(preset=vgg.preset, steps=16, graph=vgg_graph)
     orig = visualize(vgg.model, "features.4:3", **kw)
     circ = visualize(vgg.model, "features.4:3", circuit=circuit, **kw)
-    _assert_same(vgg.model, before)
+    assert_unchanged(vgg.model, before)
     assert not torch.allclose(orig.images, circ.images)
     assert circ.metadata["circuit"] == "features.4:3"
     # the activation is the circuit's: the masked model's, also equal to the small module's
@@ -319,10 +297,10 @@ def test_visualising_a_circuit_node_uses_the_circuit(vgg, vgg_graph, probe):
 
 
 def test_dataset_examples_match_brute_force(vgg, vgg_graph, probe):
-    before = _state(vgg.model)
+    before = snapshot(vgg.model)
     ex = dataset_examples(vgg.model, "features.7", probe, channels=[2, 9], top_k=5,
                           batch_size=64, graph=vgg_graph)
-    _assert_same(vgg.model, before)
+    assert_unchanged(vgg.model, before)
     z = forward_until(vgg.model, "features.7", probe)[:, [2, 9]]
     flat = z.reshape(len(z), 2, -1)
     peak, where = flat.max(dim=2)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _state import assert_unchanged, snapshot
 from torch import nn
 
 from netcarve.core.layers import GraphError
@@ -76,19 +77,6 @@ class TwinNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.relu(self.conv(x))), 1))
 
 
-def _snapshot(model: nn.Module) -> tuple:
-    return ({n: p.detach().clone() for n, p in model.state_dict().items()},
-            {n: m.training for n, m in model.named_modules()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            sum(len(m._forward_hooks) for m in model.modules()))
-
-
-def _same(model: nn.Module, snap: tuple) -> bool:
-    now = _snapshot(model)
-    return (all(torch.equal(now[0][k], v) for k, v in snap[0].items())
-            and now[1:] == snap[1:])
-
-
 # --------------------------------------------------------------------------- descriptors
 
 
@@ -96,12 +84,12 @@ def test_batched_class_preference_equals_the_per_filter_loop():
     torch.manual_seed(0)
     net, _ = _nets.make("plain", double=False)  # conv-BN-ReLU(inplace), hidden Linear
     x = torch.randn(10, 3, 8, 8)
-    snap = _snapshot(net)
+    snap = snapshot(net)
     fast = class_preference(net, "features.4", x, batch_size=4)
     slow = _class_preference_loop(net, "features.4", x, batch_size=4)
     assert fast.shape == (6, 3)
     assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-12)
-    assert _same(net, snap)
+    assert_unchanged(net, snap)
     # definition check for one entry: mean over images and positions of |∂p_c/∂z_o|
     z = None
 
@@ -119,10 +107,10 @@ def test_batched_class_preference_equals_the_per_filter_loop():
 
 
 def test_describe_filters_measures_every_descriptor_and_leaves_the_model_alone(vgg, data):
-    snap = _snapshot(vgg.model)
+    snap = snapshot(vgg.model)
     d = describe_filters(vgg.model, "features.4", data["probe_x"][:32], preset=vgg.preset,
                          descriptors=("am", "profile", "class_preference"), am_steps=4)
-    assert _same(vgg.model, snap)
+    assert_unchanged(vgg.model, snap)
     assert d.kinds == ["am", "profile", "class_preference"]
     assert d.profile.shape == (64, 32) and d.class_preference.shape == (64, 10)
     assert d.am_images.shape == (64, 1, 28, 28)
@@ -227,7 +215,7 @@ def test_bad_clustering_arguments_are_clear():
 
 
 def test_functional_pruning_against_magnitude_at_the_same_macs(vgg, data, tmp_path):
-    snap = _snapshot(vgg.model)
+    snap = snapshot(vgg.model)
     fop = functional_prune(vgg.model, "features.0,features.4", data["probe_x"][:64],
                            data["probe_y"][:64], preset=vgg.preset, threshold=0.8)
     counts = fop.removed_counts()
@@ -242,7 +230,7 @@ def test_functional_pruning_against_magnitude_at_the_same_macs(vgg, data, tmp_pa
                           eval_labels=data["eval_y"], train_images=data["train_x"],
                           train_labels=data["train_y"], max_train_images=128,
                           finetune_epochs=1, finetune_lr=0.005)
-    assert _same(vgg.model, snap)
+    assert_unchanged(vgg.model, snap)
     rows = {r["method"]: r for r in cmp.rows}
     assert {r["fold"] for r in cmp.rows} == {"lstsq"}  # the default: refit the next layers
     assert cmp.settings["fold_images"] == 600  # the first (up to 1,000) training images
@@ -287,12 +275,12 @@ def test_keep_rules_and_cka_route(vgg, data):
 def test_defection_reports_drift_of_every_survivor(vgg, data, tmp_path):
     masks = {"functional": {"features.7": torch.arange(64) % 4 != 0},
              "magnitude": magnitude_masks(vgg.model, {"features.7": 16})}
-    snap = _snapshot(vgg.model)
+    snap = snapshot(vgg.model)
     report = defection(vgg.model, masks, data["probe_x"][:32], preset=vgg.preset,
                        settings=[(0.01, 1), (0.001, 1)], train_images=data["train_x"],
                        train_labels=data["train_y"], max_train_images=96,
                        eval_images=data["eval_x"][:64], eval_labels=data["eval_y"][:64])
-    assert _same(vgg.model, snap)
+    assert_unchanged(vgg.model, snap)
     assert len(report.rows) == 2 * 2 * 48 * 2  # methods × settings × survivors × descriptors
     assert {r["filter"] for r in report.rows if r["method"] == "functional"} == {
         f for f in range(64) if f % 4}

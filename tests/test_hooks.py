@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager
 
 import pytest
 import torch
+from _state import assert_unchanged, snapshot
 from torch import nn
 
 from netcarve.core.graph import ModelGraph
@@ -36,30 +37,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _snapshot(net: nn.Module) -> dict:
-    return {
-        "values": {k: v.clone() for k, v in net.state_dict(keep_vars=True).items()},
-        "objects": {k: v for k, v in net.state_dict(keep_vars=True).items()},
-        "ptrs": {k: v.data_ptr() for k, v in net.state_dict(keep_vars=True).items()},
-        "grad": {k: p.requires_grad for k, p in net.named_parameters()},
-        "training": {k: m.training for k, m in net.named_modules()},
-    }
-
-
-def _assert_restored(net: nn.Module, snap: dict) -> None:
-    now = net.state_dict(keep_vars=True)
-    assert list(now) == list(snap["values"])
-    for key, value in now.items():
-        assert value is snap["objects"][key], key
-        assert value.data_ptr() == snap["ptrs"][key], key
-        assert torch.equal(value, snap["values"][key]), key  # bitwise for float64/32
-        assert value.dtype == snap["values"][key].dtype
-    assert {k: p.requires_grad for k, p in net.named_parameters()} == snap["grad"]
-    assert {k: m.training for k, m in net.named_modules()} == snap["training"]
-    for module in net.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
 
 
 def _enter(context: AbstractContextManager) -> None:
@@ -102,7 +79,7 @@ def test_kernel_masks_match_manual_zeroing_and_restore(net_name: str) -> None:
                 else:
                     weight[o, j] = 0
     _odd_state(net)
-    snap = _snapshot(net)
+    snap = snapshot(net)
     net.eval()
     manual.eval()
     with torch.no_grad():
@@ -117,20 +94,20 @@ def test_kernel_masks_match_manual_zeroing_and_restore(net_name: str) -> None:
         unmasked = net(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(unmasked, got)
-    for key in snap["training"]:  # undo the eval() above before comparing
-        dict(net.named_modules())[key].training = snap["training"][key]
-    _assert_restored(net, snap)
+    for key, (_, training, _) in snap["modules"].items():  # undo the eval() above first
+        dict(net.named_modules())[key].training = training
+    assert_unchanged(net, snap)
 
 
 def test_kernel_masks_restore_on_exception_and_keep_grads() -> None:
     net, x = make("plain")
     g = ModelGraph.build(net, x)
     _odd_state(net)
-    snap = _snapshot(net)
+    snap = snapshot(net)
     with pytest.raises(RuntimeError, match="boom"), apply_kernel_masks(net, g, _masks(g, 0.3, 2)):
         assert (net.features[0].weight == 0).any()
         raise RuntimeError("boom")
-    _assert_restored(net, snap)
+    assert_unchanged(net, snap)
 
     # gradients computed inside the block flow through the masked weights
     net.features[0].weight.requires_grad_(True)
@@ -139,13 +116,13 @@ def test_kernel_masks_restore_on_exception_and_keep_grads() -> None:
     with apply_kernel_masks(net, g, {"features.0": mask}):
         net(x).sum().backward()
     assert net.features[0].weight.grad is not None
-    assert torch.equal(net.features[0].weight, snap["values"]["features.0.weight"])
+    assert torch.equal(net.features[0].weight, snap["tensors"]["features.0.weight"][0])
 
 
 def test_kernel_mask_validation_happens_before_touching() -> None:
     net, x = make("plain")
     g = ModelGraph.build(net, x)
-    snap = _snapshot(net)
+    snap = snapshot(net)
     good = torch.zeros(g.layer("features.0").mask_shape, dtype=torch.bool)
     with pytest.raises(MaskError, match=r"unknown layer 'features\.5'.*features\.4"):
         _enter(apply_kernel_masks(net, g, {"features.0": good, "features.5": good}))
@@ -154,7 +131,7 @@ def test_kernel_mask_validation_happens_before_touching() -> None:
                                            "features.0": torch.ones(6, 4, dtype=torch.bool)}))
     with pytest.raises(MaskError, match="torch.Tensor"):
         _enter(apply_kernel_masks(net, g, {"features.0": [[True] * 3] * 4}))  # type: ignore[dict-item]
-    _assert_restored(net, snap)
+    assert_unchanged(net, snap)
 
 
 # --------------------------------------------------------------------------- filter masks
@@ -166,7 +143,7 @@ def test_filter_mask_is_zero_after_batchnorm() -> None:
     assert net.features[1].bias.abs().min() > 0  # a non-trivial BN shift
     keep = torch.ones(4, dtype=torch.bool)
     keep[1] = False
-    snap = _snapshot(net)
+    snap = snapshot(net)
     with torch.no_grad():
         with capture(net, ["features.0", "features.1"]) as ref:
             net(x)
@@ -178,7 +155,7 @@ def test_filter_mask_is_zero_after_batchnorm() -> None:
     assert torch.all(out["features.1"][:, 1] == 0) and torch.all(out["features.0"][:, 1] == 0)
     assert torch.all(out["features.3"][:, 1] == 0)  # ReLU and max-pool keep it at 0
     assert torch.equal(out["features.1"][:, keep], ref["features.1"][:, keep])
-    _assert_restored(net, snap)
+    assert_unchanged(net, snap)
 
 
 def test_filter_mask_on_linear_and_resnet() -> None:
@@ -288,17 +265,17 @@ def test_stop_is_not_swallowed_by_except_exception() -> None:
 def test_preserved_state_and_resolve_module() -> None:
     net, _ = make("resnet")
     _odd_state(net)
-    snap = _snapshot(net)
+    snap = snapshot(net)
     with pytest.raises(ValueError), preserved_state(net):
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
         raise ValueError
-    _assert_restored(net, snap)
+    assert_unchanged(net, snap)
     with preserved_state(net) as same:
         assert same is net
         net.eval()
-    _assert_restored(net, snap)
+    assert_unchanged(net, snap)
     assert resolve_module(net, "layer2.downsample.0") is net.layer2.downsample[0]
     with pytest.raises(GraphError, match=r"layer2\.downsample"):
         resolve_module(net, "layer2.downsampl")

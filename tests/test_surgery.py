@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _state import assert_unchanged, snapshot
 from torch import nn
 
 from netcarve.core.costs import count_macs, count_parameters
@@ -199,21 +200,6 @@ def check_equal(net: nn.Module, graph: ModelGraph, masks: dict[str, torch.Tensor
         out = circuit(x)
     assert_rel(out, ref)
     return circuit
-
-
-def snapshot(net: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, bool]]:
-    return [(name, t, t.detach().clone(), t.requires_grad)
-            for name, t in [*net.named_parameters(), *net.named_buffers()]]
-
-
-def assert_unchanged(net: nn.Module, snap: list[tuple[str, torch.Tensor, torch.Tensor, bool]],
-                     ) -> None:
-    now = dict([*net.named_parameters(), *net.named_buffers()])
-    assert len(now) == len(snap)
-    for name, obj, value, grad in snap:
-        assert now[name] is obj, name
-        assert torch.equal(obj, value), name
-        assert obj.requires_grad == grad, name
 
 
 # --------------------------------------------------------------------------- equality

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from netcarve.core.errors import ModelSpecError
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 from netcarve.zoo.torchvision_models import (
     IMAGENET_PRESET,
     TORCHVISION_ARCHITECTURES,

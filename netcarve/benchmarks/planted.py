@@ -87,6 +87,7 @@ from netcarve.benchmarks.planted_models import (
 from netcarve.circuits.circuit import count, keep_count, select_top_k
 from netcarve.circuits.extract import measure_preservation, score_kernels, target_responses
 from netcarve.core._csv import write_rows
+from netcarve.core.plotting import pyplot
 from netcarve.core.targets import Target
 from netcarve.criteria import get_criterion
 
@@ -246,15 +247,9 @@ class PlantedReport:
         Example:
             >>> report.plot("out/planted.png")  # doctest: +SKIP
         """
-        try:
-            import matplotlib
-        except ImportError as exc:
-            raise PlantedError(
-                "plotting needs matplotlib: pip install 'netcarve[report]'") from exc
+        plt = pyplot(PlantedError)
         if not self.rows:
             raise PlantedError("nothing to plot: the report has no rows")
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
         rec, prec, keep = self.table("recall"), self.table("precision"), self.table("keep")
         archs = list(rec)

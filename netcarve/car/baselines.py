@@ -47,7 +47,7 @@ from netcarve.car.engine import AblationEngine
 from netcarve.car.stats import AblationError
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import capture, preserved_state, resolve_module, stop_at
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = [
     "BASELINES",
@@ -236,9 +236,9 @@ class CurveReport:
     def plot(self, path: str | Path) -> Path:
         """One panel per layer: accuracy vs filters pruned; lines before fine-tuning, hollow
         markers after."""
-        from netcarve.car.scores import _pyplot
+        from netcarve.core.plotting import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         layers = list(dict.fromkeys(r["layer"] for r in self.rows))
         fig, axes = plt.subplots(1, max(1, len(layers)), figsize=(5.2 * max(1, len(layers)), 4),
                                  squeeze=False)

@@ -43,7 +43,7 @@ from torch import nn
 from netcarve.car.stats import AblationError
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import preserved_state, resolve_module, stop_at
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = [
     "ColourReport",

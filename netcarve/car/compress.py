@@ -15,7 +15,7 @@ from netcarve.car.engine import AblationEngine
 from netcarve.car.greedy import GreedyResult, greedy_prune
 from netcarve.car.scores import MetricLike, resolve_layers
 from netcarve.car.stats import AblationError
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = ["CompressionReport", "car_compress"]
 

@@ -91,7 +91,7 @@ from netcarve.car.stats import (
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import preserved_state
 from netcarve.core.layers import GraphError
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = ["AblationEngine", "ablate"]
 

@@ -25,7 +25,7 @@ from netcarve.car.racing import RACING_METRICS, race_step
 from netcarve.car.scores import MetricLike, _engine, resolve_layers
 from netcarve.car.stats import AblationError, ForwardCounts, Metric, resolve_metric
 from netcarve.core.graph import ModelGraph
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = [
     "GreedyResult",

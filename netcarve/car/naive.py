@@ -26,8 +26,8 @@ from netcarve.car.stats import (
 from netcarve.core.errors import DataError
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import apply_filter_masks, preserved_state
+from netcarve.data.preset import Preset
 from netcarve.data.stream import require_finite
-from netcarve.zoo.preset import Preset
 
 __all__ = ["ablate_naive", "single_removals"]
 

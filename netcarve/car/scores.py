@@ -25,7 +25,8 @@ from netcarve.car.engine import AblationEngine
 from netcarve.car.naive import single_removals
 from netcarve.car.stats import AblationError, AblationStats, ForwardCounts, Metric, resolve_metric
 from netcarve.core.graph import ModelGraph
-from netcarve.zoo.preset import Preset
+from netcarve.core.plotting import pyplot
+from netcarve.data.preset import Preset
 
 __all__ = ["CARReport", "ClasswiseCAR", "LayerCAR", "car_scores", "classwise_car", "resolve_layers"]
 
@@ -354,7 +355,7 @@ class ClasswiseCAR:
         Raises:
             ImportError: matplotlib is missing (``pip install netcarve[report]``).
         """
-        plt = _pyplot()
+        plt = pyplot()
         n_f, n_c = self.matrix.shape
         height = min(40.0, max(3.0, 0.16 * n_f + 1.8))
         fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * n_c + 2.5), height))
@@ -379,17 +380,6 @@ class ClasswiseCAR:
         plt.close(fig)
         return out
 
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - matplotlib is in the report extra
-        raise ImportError("drawing figures needs matplotlib: pip install 'netcarve[report]'"
-                          ) from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def classwise_car(

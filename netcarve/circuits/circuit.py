@@ -12,11 +12,13 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from netcarve.circuits.files import read_circuit_fields, save_circuit
 from netcarve.circuits.preservation import Preservation
 from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
@@ -24,7 +26,17 @@ from netcarve.core.hooks import apply_kernel_masks
 from netcarve.core.targets import Target
 from netcarve.data.stream import Images, as_stream, fingerprint_batches
 
-__all__: list[str] = []
+__all__ = [
+    "GRANULARITIES",
+    "Circuit",
+    "CircuitError",
+    "count",
+    "data_fingerprint",
+    "keep_count",
+    "load_circuit",
+    "model_fingerprint",
+    "select_top_k",
+]
 
 
 class CircuitError(NetcarveError):
@@ -240,14 +252,29 @@ class Circuit:
         }
 
     def save(self, path) -> None:
-        """Write the circuit file (safetensors + JSON metadata); see :mod:`netcarve.circuit_io`."""
-        from netcarve.circuits.files import save_circuit
-
+        """Write the circuit file (safetensors + JSON metadata; :mod:`netcarve.circuits.files`)."""
         save_circuit(self, path)
 
     @classmethod
     def load(cls, path) -> Circuit:
         """Read a circuit file written by :meth:`save` (nothing is unpickled)."""
-        from netcarve.circuits.files import load_circuit
+        return cls(**read_circuit_fields(path))
 
-        return load_circuit(path)
+
+def load_circuit(path: str | Path) -> Circuit:
+    """Read a circuit file written by :meth:`Circuit.save` (nothing is unpickled).
+
+    Args:
+        path: the ``.safetensors`` circuit file.
+
+    Returns:
+        A :class:`Circuit` equal to the one saved.
+
+    Raises:
+        CircuitFileError: the file is missing, truncated, not a circuit file, or was edited
+            (masks no longer match their checksum, shapes disagree, keys missing).
+
+    Example:
+        >>> c = load_circuit("out/circuit.safetensors")  # doctest: +SKIP
+    """
+    return Circuit.load(path)

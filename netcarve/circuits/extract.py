@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from netcarve import __version__
+from netcarve._version import __version__
 from netcarve.circuits.circuit import (
     GRANULARITIES,
     Circuit,
@@ -32,7 +32,12 @@ from netcarve.core.targets import Target
 from netcarve.criteria import ScoringContext, get_criterion
 from netcarve.data.stream import Images, ImageStream, as_stream
 
-__all__: list[str] = []
+__all__ = [
+    "extract",
+    "measure_preservation",
+    "score_kernels",
+    "target_responses",
+]
 
 
 # ---------------------------------------------------------------------------- responses

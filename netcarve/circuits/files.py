@@ -29,6 +29,16 @@ from netcarve.core.targets import Target, TargetError
 FORMAT = "netcarve-circuit"
 FORMAT_VERSION = 1
 
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
+    "CircuitFileError",
+    "read_circuit_fields",
+    "save_circuit",
+]
+
+
 
 class CircuitFileError(NetcarveError):
     """A circuit file is missing, truncated, edited or not a circuit file."""
@@ -274,24 +284,24 @@ def _check_header(header: Any, tensors: dict[str, torch.Tensor]) -> list[str]:
     return layers
 
 
-def load_circuit(path: str | Path):
-    """Read a circuit file written by :func:`save_circuit`.
+def read_circuit_fields(path: str | Path) -> dict[str, Any]:
+    """Read and check a circuit file written by :func:`save_circuit`.
 
     Args:
         path: the ``.safetensors`` circuit file.
 
     Returns:
-        A :class:`~netcarve.circuit.Circuit` equal to the one saved.
+        the :class:`~netcarve.circuits.circuit.Circuit` constructor's arguments (target,
+        criterion, keep, masks, scores, ...), every one checked; ``Circuit(**fields)`` is the
+        circuit that was saved (:func:`netcarve.circuits.circuit.load_circuit` does that).
 
     Raises:
         CircuitFileError: the file is missing, truncated, not a circuit file, or was edited
             (masks no longer match their checksum, shapes disagree, keys missing).
 
     Example:
-        >>> c = load_circuit("out/circuit.safetensors")  # doctest: +SKIP
+        >>> fields = read_circuit_fields("out/circuit.safetensors")  # doctest: +SKIP
     """
-    from netcarve.circuits.circuit import Circuit
-
     path = Path(path)
     if not path.is_file():
         raise CircuitFileError(f"circuit file not found: {path}")
@@ -341,7 +351,7 @@ def load_circuit(path: str | Path):
         raise CircuitFileError(f"{path}: the header does not match its checksum (a field such "
                                "as keep or the target was edited, or the file is damaged); "
                                "extract the circuit again")
-    return Circuit(
+    return dict(
         target=target,
         criterion=header["criterion"],
         keep=header["keep"],

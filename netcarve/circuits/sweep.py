@@ -17,6 +17,7 @@ from netcarve.circuits.circuit import CircuitError, count, keep_count, select_to
 from netcarve.circuits.extract import measure_preservation, score_kernels, target_responses
 from netcarve.core._csv import write_rows
 from netcarve.core.graph import ModelGraph
+from netcarve.core.plotting import pyplot
 from netcarve.core.targets import Target
 
 COLUMNS = [
@@ -74,10 +75,7 @@ class SweepResult:
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """Median preservation vs keep per criterion, with quartile bands (PNG)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         med, q1, q3 = self.table("median"), self.table("q1"), self.table("q3")
         fig, ax = plt.subplots(figsize=(6.4, 4.2))

@@ -156,7 +156,7 @@ def report(exc: BaseException, *, debug: bool | None = None) -> int:
         code, message = verdict
         click.echo(f"error: {one_line(message)}", err=True)
         return code
-    from netcarve import __version__
+    from netcarve._version import __version__
 
     click.echo(f"error: internal error ({type(exc).__name__}: {exc}). This is a bug in "
                f"netcarve {__version__}: please report it with the command you ran and the "

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from netcarve import __version__
+from netcarve._version import __version__
 from netcarve.cli.common import (
     device_option,
     emit,

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from netcarve.core.errors import DataError
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = ["DEFAULT_EXTENSIONS", "ImageFolderData", "ImageFolderDataset", "load_image_folder"]
 

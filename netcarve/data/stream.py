@@ -30,7 +30,7 @@ from typing import Any, Union
 import torch
 
 from netcarve.core.errors import DataError
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = [
     "ImageStream",

@@ -25,6 +25,7 @@ from torch import nn
 
 from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
+from netcarve.data.preset import Preset
 from netcarve.diagram.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -36,7 +37,6 @@ from netcarve.diagram.format import (
 )
 from netcarve.diagram.graph_json import circuit_to_json
 
-from ..zoo.preset import Preset
 from .html import render_html
 from .layout import compute_geometry, order_columns
 from .pictures import (

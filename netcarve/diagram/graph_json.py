@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from netcarve._version import __version__
 from netcarve.core.graph import ModelGraph
+from netcarve.data.preset import Preset
 from netcarve.diagram.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -45,8 +47,6 @@ from netcarve.diagram.format import (
     validate_diagram,
 )
 
-from .. import __version__
-from ..zoo.preset import Preset
 from .layout import order_columns
 from .pictures import NodeRef, PictureProvider, default_pictures, pictures_for, png_data_uri
 

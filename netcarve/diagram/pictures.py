@@ -41,8 +41,7 @@ from torch import nn
 
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import capture, preserved_state, stop_at
-
-from ..zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = [
     "Example",

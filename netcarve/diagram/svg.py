@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 
 from netcarve.core.errors import NetcarveError
+from netcarve.core.plotting import pyplot
 from netcarve.diagram.format import validate_diagram
 
 from .layout import Geometry, compute_geometry, legend_size, subtitle
@@ -223,10 +224,8 @@ def render_png(data: dict[str, Any], path: str | Path, *, geometry: Geometry | N
     """
     validate_diagram(data)
     try:
+        plt = pyplot()
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         from matplotlib import patheffects
         from matplotlib.collections import LineCollection, PatchCollection
         from matplotlib.patches import Rectangle

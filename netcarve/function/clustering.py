@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netcarve.core.hooks import preserved_state
+from netcarve.data.preset import Preset
 from netcarve.function.descriptors import (
     FilterDescriptors,
     FunctionalError,
@@ -28,10 +29,11 @@ from netcarve.function.descriptors import (
     _device_dtype,
     _relative,
 )
-from netcarve.zoo.preset import Preset
 
 if TYPE_CHECKING:  # pruning builds on clustering; only the type is needed here
     from netcarve.function.pruning import LayerPruning
+
+from netcarve.core.plotting import pyplot
 
 __all__ = [
     "FilterClusters",
@@ -365,10 +367,7 @@ def plot_clusters(lp: LayerPruning, path: str | Path) -> Path:
     Returns:
         the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = sorted(lp.clusters.groups(), key=lambda g: (-len(g), g[0]))
     order = [m for g in groups for m in g]

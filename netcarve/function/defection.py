@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from netcarve.core.graph import ModelGraph
+from netcarve.core.plotting import pyplot
+from netcarve.data.preset import Preset
 from netcarve.function.descriptors import (
     FilterDescriptors,
     FunctionalError,
@@ -24,7 +26,6 @@ from netcarve.function.descriptors import (
     describe_filters,
 )
 from netcarve.function.pruning import _fold_of, _fold_probe
-from netcarve.zoo.preset import Preset
 
 __all__ = ["DefectionReport", "defection"]
 
@@ -112,10 +113,7 @@ class DefectionReport:
         Returns:
             the path written.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         kinds = sorted({r["descriptor"] for r in self.rows})
         methods = list(dict.fromkeys(r["method"] for r in self.rows))

@@ -18,8 +18,8 @@ from torch import nn
 from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import preserved_state, resolve_module
+from netcarve.data.preset import Preset
 from netcarve.data.stream import Images, as_stream
-from netcarve.zoo.preset import Preset
 
 __all__ = [
     "DESCRIPTORS",

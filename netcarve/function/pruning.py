@@ -18,7 +18,7 @@ from torch import nn
 
 from netcarve.core._csv import write_rows
 from netcarve.core.graph import ModelGraph
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 if TYPE_CHECKING:
     from netcarve.surgery.pruned import PrunedModel

@@ -25,9 +25,9 @@ from netcarve.circuits.subcircuits import subcircuits
 from netcarve.circuits.sweep import sweep
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import forward_until
+from netcarve.reproduce.zoo_report import zoo_report
 from netcarve.training.evaluation import analysis_data, reference_data
 from netcarve.zoo import load_model
-from netcarve.zoo.report import zoo_report
 
 DEMO_MODEL = "fmnist_vgg"
 DEMO_TARGET = "features.11:5"

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from netcarve.core.errors import NetcarveError
+from netcarve.core.plotting import pyplot as _pyplot
 
 __all__ = [
     "Logger",
@@ -70,7 +71,7 @@ def environment(threads: int | None = None) -> dict[str, Any]:
     """
     import numpy
 
-    from netcarve import __version__
+    from netcarve._version import __version__
 
     return {
         "netcarve": __version__,
@@ -320,15 +321,7 @@ def pyplot() -> Any:
     Raises:
         ReproduceError: matplotlib is not installed.
     """
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - installed by the set-up
-        raise ReproduceError("the reports need matplotlib: pip install 'netcarve[report]'") \
-            from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _pyplot(ReproduceError)
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:

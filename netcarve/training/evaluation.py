@@ -11,8 +11,8 @@ from torch import nn
 
 from netcarve.core.errors import DataError
 from netcarve.data import load_fashion_mnist, make_shapes
+from netcarve.data.preset import Preset
 from netcarve.data.stream import Images, as_stream, image_folder_loader
-from netcarve.zoo.preset import Preset
 
 # Fixed seeds for the generated shapes data set: the test seed never appears in training.
 SHAPES_TEST_SEED = 20_000

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netcarve.core.errors import DataError, NetcarveError
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = ["FinetuneError", "FinetuneResult", "finetune"]
 

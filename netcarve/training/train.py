@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from netcarve import __version__
+from netcarve._version import __version__
 from netcarve.core.errors import ModelSpecError
 from netcarve.core.weights import save_weights
 from netcarve.data import load_fashion_mnist, make_shapes
+from netcarve.data.preset import Preset
 from netcarve.training.evaluation import evaluate, reference_data
-from netcarve.zoo.preset import Preset
 from netcarve.zoo.registry import ZOO
 
 

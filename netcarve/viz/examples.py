@@ -15,8 +15,8 @@ from torch import nn
 
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import preserved_state, stop_at
+from netcarve.data.preset import Preset
 from netcarve.data.stream import Images, as_stream
-from netcarve.zoo.preset import Preset
 
 if TYPE_CHECKING:
     from netcarve.circuits.circuit import Circuit

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 if TYPE_CHECKING:
     from netcarve.circuits.circuit import Circuit
 
+from netcarve.core.plotting import pyplot
 from netcarve.viz.examples import DatasetExamples, dataset_examples, to_display
 from netcarve.viz.render import FeatureVisualization, visualize
 from netcarve.viz.transforms import Transforms
@@ -57,10 +58,7 @@ def plot_grid(
     Example:
         >>> plot_grid(viz, "out/features.4.png")  # doctest: +SKIP
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     patches = None
     if examples is not None and images is not None:
@@ -125,10 +123,7 @@ def plot_channel(
         >>> plot_channel(viz, 0, "out/features.4_0.png", examples=ex, images=x)
         ...     # doctest: +SKIP
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     target = viz.targets[index]

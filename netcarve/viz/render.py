@@ -59,7 +59,7 @@ from torch import nn
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import capture, preserved_state, stop_at
 from netcarve.core.targets import Target
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 if TYPE_CHECKING:
     from netcarve.circuits.circuit import Circuit

@@ -1,6 +1,7 @@
 """Model zoo: torchvision-shaped architectures, the bundled small models, input presets."""
 
-from .preset import Preset
+from netcarve.data.preset import Preset
+
 from .registry import (
     FASHION_MNIST_PRESET,
     SHAPES_PRESET,

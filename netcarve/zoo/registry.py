@@ -14,13 +14,11 @@ from torch import nn
 from netcarve.core.devices import resolve_device
 from netcarve.core.errors import ModelSpecError
 from netcarve.core.weights import load_weights, read_metadata
-
-# Submodules, not the package: netcarve.data imports the preset from this package.
-from ..data.fashion_mnist import FASHION_MNIST_CLASSES
-from ..data.shapes import SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD
-from .preset import Preset
-from .small_models import FmnistResNet, FmnistVGG, ShapesCNN
-from .torchvision_models import IMAGENET_PRESET, TORCHVISION_ARCHITECTURES
+from netcarve.data.fashion_mnist import FASHION_MNIST_CLASSES
+from netcarve.data.preset import Preset
+from netcarve.data.shapes import SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD
+from netcarve.zoo.small_models import FmnistResNet, FmnistVGG, ShapesCNN
+from netcarve.zoo.torchvision_models import IMAGENET_PRESET, TORCHVISION_ARCHITECTURES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from netcarve.core.errors import ModelSpecError
-from netcarve.zoo.preset import Preset
+from netcarve.data.preset import Preset
 
 __all__ = [
     "IMAGENET_PRESET",

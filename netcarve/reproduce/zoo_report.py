@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from netcarve.core.plotting import pyplot
 from netcarve.training.evaluation import evaluate, reference_data
 from netcarve.zoo.registry import ZOO, load_model
 
@@ -28,10 +29,7 @@ class ModelReport:
 
 def _sample_figure(name: str, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
                    class_names: tuple[str, ...], path: Path, n: int = 16) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = 8
     rows = (n + cols - 1) // cols

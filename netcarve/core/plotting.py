@@ -1,0 +1,46 @@
+"""Figures: matplotlib's pyplot on the non-interactive Agg backend, or one clear error.
+
+Every figure netcarve draws goes through :func:`pyplot`, so no command ever opens a window or
+needs a display, and a missing matplotlib is a message that says how to install it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from netcarve.core.errors import NetcarveError
+
+__all__ = ["PlottingError", "pyplot"]
+
+
+class PlottingError(NetcarveError):
+    """matplotlib is needed for a figure and is not installed."""
+
+
+def pyplot(error: type[NetcarveError] = PlottingError) -> Any:
+    """``matplotlib.pyplot`` with the Agg backend selected.
+
+    Args:
+        error: the exception type raised when matplotlib is missing (callers with an error
+            type of their own pass it, so their users catch one type).
+
+    Returns:
+        the ``matplotlib.pyplot`` module.
+
+    Raises:
+        PlottingError (or ``error``): matplotlib is not installed; the message says
+            ``pip install 'netcarve[report]'``.
+
+    Example:
+        >>> plt = pyplot()
+        >>> plt.get_backend().lower()
+        'agg'
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise error("drawing figures needs matplotlib: pip install 'netcarve[report]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

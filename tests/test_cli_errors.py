@@ -217,7 +217,7 @@ def test_the_header_size_limit_is_enforced(circuit, tmp_path, monkeypatch):
     circuit.save(path)
     monkeypatch.setattr(circuit_io, "MAX_HEADER_BYTES", 100)
     with pytest.raises(circuit_io.CircuitFileError, match="more than the 100 accepted"):
-        circuit_io.load_circuit(path)
+        circuit_io.read_circuit_fields(path)
 
 
 def test_a_diagram_json_nested_too_deeply_is_exit_3(tmp_path):

@@ -40,7 +40,7 @@ from netcarve.viz.receptive_field import receptive_field
 from netcarve.viz.render import visualize
 from netcarve.zoo import ZOO, Preset, load_model
 
-_install_old_paths()  # netcarve.ablation, netcarve.circuit, ... keep working for one release
+_install_old_paths()  # netcarve.ablation, netcarve.circuit, ... work for one more release
 
 __all__ = [
     "CRITERIA",

@@ -1,5 +1,5 @@
 """The ablation engine on a GPU: engine vs naive loop on CUDA, and CUDA vs CPU, within the
-tolerances of :func:`netcarve.ablation.compare_stats` (never bitwise: cuDNN picks algorithms
+tolerances of :func:`netcarve.car.stats.compare_stats` (never bitwise: cuDNN picks algorithms
 by shape). The ``cpu`` rows run everywhere and check the comparison itself; the ``cuda`` rows
 skip cleanly on a machine without a GPU (CI has none)."""
 

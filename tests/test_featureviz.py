@@ -1,4 +1,4 @@
-"""Tests of netcarve.featureviz: receptive fields, activation maximisation, data-set examples."""
+"""Tests of netcarve.viz: receptive fields, activation maximisation, data-set examples."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Least-squares folding after pruning (netcarve.fold) against naive references."""
+"""Least-squares folding after pruning (netcarve.surgery.fold) against naive references."""
 
 from __future__ import annotations
 

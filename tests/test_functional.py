@@ -1,4 +1,4 @@
-"""Tests of netcarve.functional: descriptors, similarity, clustering, pruning, defection."""
+"""Tests of netcarve.function: descriptors, similarity, clustering, pruning, defection."""
 
 from __future__ import annotations
 

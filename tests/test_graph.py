@@ -1,4 +1,4 @@
-"""Tests of netcarve.graph: building the channel graph, path queries, effective masks."""
+"""Tests of netcarve.core.graph: building the channel graph, path queries, effective masks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of netcarve.hooks: masks restore the model exactly, capture/stop_at are correct."""
+"""Tests of netcarve.core.hooks: masks restore the model exactly, capture/stop_at are correct."""
 
 from __future__ import annotations
 

@@ -258,7 +258,6 @@ def test_fop_quick_compares_at_identical_macs(fop_run):
 
 
 def test_planted_quick_wraps_the_benchmark_report(tmp_path):
-    pytest.importorskip("netcarve.planted", reason="netcarve/planted.py is not there yet")
     from netcarve.reproduce.planted import run_planted_report
 
     summary = run_planted_report(tmp_path, quick=True, seed=0)

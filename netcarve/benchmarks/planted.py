@@ -179,7 +179,8 @@ class PlantedReport:
             f"Seeds {', '.join(map(str, seeds))}; {self.n_images} scoring images per case "
             "(held-out preservation on separate images). Cells are medians over seeds.",
             "Ground truth = the planted circuit: kernels whose removal alone, or together "
-            "with their duplicate copy, changes the target `head:0` (see `netcarve.planted`).",
+            "with their duplicate copy, changes the target `head:0` "
+            "(see `netcarve.benchmarks.planted_models`).",
             "Precision and recall compare the circuit's effective mask with it; keep `m×GT` "
             "is m × |ground truth| / |relevant|.",
         ]
@@ -305,9 +306,9 @@ def planted_benchmark(
     For every architecture × seed a :class:`PlantedCase` is built; every criterion scores the
     relevant kernels once on the scoring images (FORCE once per keep, its schedule depends on
     it), keeps exactly ``round(keep × relevant)`` by global top-k
-    (:func:`~netcarve.circuit.select_top_k`), applies the effective mask, and the result is
+    (:func:`~netcarve.circuits.circuit.select_top_k`), applies the effective mask, and the result is
     compared with the ground truth; preservation is measured on held-out images. This is what
-    :func:`~netcarve.circuit.extract` does, with the scores shared across keeps.
+    :func:`~netcarve.circuits.extract.extract` does, with the scores shared across keeps.
 
     Args:
         architectures: any of :data:`ARCHITECTURES`.

@@ -443,7 +443,7 @@ class PlantedCase:
         target: the target string (``"head:0"``).
         images: scoring images ``[n, 6, 16, 16]``.
         heldout: held-out images for preservation.
-        graph: the model's :class:`~netcarve.graph.ModelGraph`.
+        graph: the model's :class:`~netcarve.core.graph.ModelGraph`.
         relevant: relevant-kernel masks of the target.
         ground_truth: ``{layer: bool mask}`` (same keys as ``relevant``), the planted circuit.
         kinds: ``{layer: int64 [out, in]}`` kernel kinds (codes of :data:`KIND_NAMES`).

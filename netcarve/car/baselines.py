@@ -17,7 +17,7 @@ Criteria (higher score = more important; filters are pruned lowest first, ties b
   the same whether taken before or after the ReLU (in-place ReLUs are fine).
 
 Data-driven criteria use the same scoring images as CAR; every method's pruned networks are
-evaluated with the same removal semantics (:func:`netcarve.hooks.apply_filter_masks`: output 0
+evaluated with the same removal semantics (:func:`netcarve.core.hooks.apply_filter_masks`: output 0
 after the BatchNorm), on the same evaluation images, at the same filter counts, and -- with
 fine-tuning -- with the same fine-tuning recipe and seed (:func:`compare_methods`).
 

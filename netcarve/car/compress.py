@@ -29,7 +29,7 @@ class CompressionReport:
 
     Attributes:
         greedy: the :class:`GreedyResult`.
-        pruned: the :class:`~netcarve.compress.PrunedModel`.
+        pruned: the :class:`~netcarve.surgery.pruned.PrunedModel`.
         accuracy_before: top-1 of the original model on the evaluation images.
         accuracy_pruned: of the pruned model before fine-tuning.
         accuracy_finetuned: after fine-tuning (None when not fine-tuned).
@@ -92,7 +92,7 @@ def car_compress(
         model: the classifier (unchanged).
         images / labels: scoring images for the greedy decisions.
         layers: layers in scope (each must be prunable, see
-            :func:`netcarve.compress.prunable_layers`).
+            :func:`netcarve.surgery.prune.prunable_layers`).
         eval_images / eval_labels: evaluation images for the reported accuracies.
         amount / floor / mode / scope / window / metric: see :func:`greedy_prune`.
         preset: the model's preset (needed for uint8 images).

@@ -8,7 +8,7 @@ candidate removals, stacks ``R`` copies of the cached output along the batch dim
 with its own channel mask, and runs only the rest of the network (the *suffix*) on the
 ``R × B`` items.
 
-**Removal semantics** (the project's convention, as :func:`netcarve.hooks.apply_filter_masks`):
+**Removal semantics** (the project's convention, as :func:`netcarve.core.hooks.apply_filter_masks`):
 a removed filter outputs exactly 0 after its BatchNorm -- its bias and BatchNorm shift are
 removed too. Later operations run normally (a ReLU keeps the channel at 0).
 
@@ -105,7 +105,7 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
         images: evaluation images: float, already normalised (used as is), or ``uint8``
             (normalised with ``preset``). Kept where they are and streamed in chunks.
         labels: int64 ``[N]`` true classes.
-        graph: the model's :class:`~netcarve.graph.ModelGraph` (built from the first image
+        graph: the model's :class:`~netcarve.core.graph.ModelGraph` (built from the first image
             when omitted).
         preset: the model's input preset (needed for uint8 images).
         batch_size: images per chunk; every forward pass (prefix or naive) sees this many.

@@ -251,7 +251,7 @@ def greedy_prune(
         mode: ``"exact"`` (re-score every remaining candidate on every image each step),
             ``"lazy"`` (re-score only the ``window`` candidates with the lowest previous CAR)
             or ``"racing"`` (every candidate, but candidates confidently worse than the
-            leader stop being scored early: :mod:`netcarve.racing`; top-1/top-5 metrics).
+            leader stop being scored early: :mod:`netcarve.car.racing`; top-1/top-5 metrics).
         scope: ``"layer"``: layers one after another, each given the earlier removals;
             ``"global"``: one pool of candidates across the layers.
         window: candidates re-scored per lazy step (default ``max(4, ceil(remaining / 8))``).

@@ -128,7 +128,7 @@ def measure_preservation(
             :func:`target_responses` with the same ``batch_size``) to skip recomputing them.
 
     Returns:
-        A :class:`~netcarve.preservation.Preservation`.
+        A :class:`~netcarve.circuits.preservation.Preservation`.
     """
     meter = PreservationMeter()
     if original is None:

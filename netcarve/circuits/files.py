@@ -90,7 +90,7 @@ def save_circuit(circuit, path: str | Path) -> Path:
     """Write ``circuit`` to ``path`` (safetensors with JSON metadata).
 
     Args:
-        circuit: a :class:`~netcarve.circuit.Circuit`.
+        circuit: a :class:`~netcarve.circuits.circuit.Circuit`.
         path: destination file (parent folders are created).
 
     Returns:

@@ -1,8 +1,8 @@
 """``netcarve car``: CAR scores, class-wise CAR, greedy compression, curves vs baselines.
 
-Thin: parses arguments and calls :mod:`netcarve.car`, :mod:`netcarve.baselines`,
-:mod:`netcarve.compress` and :mod:`netcarve.finetune`. Register it on the main group with
-``cli.add_command(car)`` (after ``cli`` is defined: this module imports helpers from
+Thin: parses arguments and calls :mod:`netcarve.car`, :mod:`netcarve.car.baselines`,
+:mod:`netcarve.surgery.prune` and :mod:`netcarve.training.finetune`. Register it on the main
+group with ``cli.add_command(car)`` (after ``cli`` is defined: this module imports helpers from
 :mod:`netcarve.cli`).
 """
 
@@ -133,7 +133,7 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     or --floor, and writes: scores.csv, classwise_<layer>.csv/.png (--classwise), order.csv,
     curves.csv/.png (CAR vs random, L1, mean activation, APoZ, Taylor), pruned/ (the
     physically smaller model: model.safetensors + architecture.json, reload with
-    netcarve.compress.load_pruned), finetuned/ (--finetune) and summary.json.
+    netcarve.surgery.pruned.load_pruned), finetuned/ (--finetune) and summary.json.
 
     Scoring and greedy decisions use the first --images train images; accuracies are measured
     on the first --eval-images test images; fine-tuning uses the train split.

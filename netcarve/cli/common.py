@@ -67,7 +67,7 @@ def command_line() -> str:
 
 def in_run_folder(fn: Callable[..., Any] | None = None, *, resumable: bool = False) -> Any:
     """Decorator: run a command whose ``out`` argument is a folder inside
-    :func:`netcarve.run_folder.run_folder` (one writer, never a mix of two runs) and inside
+    :func:`netcarve.cli.run_folder.run_folder` (one writer, never a mix of two runs) and inside
     the error boundary. ``out=None`` (a command's default folder) is passed through.
 
     Example:

@@ -1,7 +1,7 @@
 """``netcarve visualize``, ``netcarve fop`` and ``netcarve defection``.
 
 Registered in :mod:`netcarve.cli` with ``cli.add_command(...)``. Thin like every command: each
-loads a model and data, calls :mod:`netcarve.featureviz` / :mod:`netcarve.functional`, and
+loads a model and data, calls :mod:`netcarve.viz` / :mod:`netcarve.function.descriptors`, and
 writes files plus a ``summary.json``.
 """
 

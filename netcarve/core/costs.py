@@ -1,7 +1,7 @@
 """What a model costs: parameter elements and multiply-adds per image.
 
 Shared by circuit surgery (:mod:`netcarve.surgery`) and structural pruning
-(:mod:`netcarve.compress`) so both report sizes the same way.
+(:mod:`netcarve.surgery.pruned`) so both report sizes the same way.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def count_macs(model: nn.Module, graph: ModelGraph, layers: Iterable[str] | None
 
     Args:
         model: the model the graph was built from (for the kernel sizes).
-        graph: its :class:`~netcarve.graph.ModelGraph`; its example input fixes the shapes.
+        graph: its :class:`~netcarve.core.graph.ModelGraph`; its example input fixes the shapes.
         layers: count only these layers (default: every layer of the graph).
 
     Returns:

@@ -13,7 +13,7 @@ Conventions:
 * **Filter masks** (:func:`apply_filter_masks`) remove whole filters: a removed filter outputs
   exactly 0 after its BatchNorm (bias and BN shift included). This is done with forward hooks
   on the layer and on the BatchNorm modules that directly follow it
-  (:attr:`netcarve.graph.ModelGraph.bn_after`). What comes after is computed normally, so
+  (:attr:`netcarve.core.graph.ModelGraph.bn_after`). What comes after is computed normally, so
   ReLU, pooling and linear maps keep the removed channel at 0, while e.g. a sigmoid turns it
   into 0.5.
 * **Captured outputs** (:func:`capture`, :func:`stop_at`) are a layer's raw output, before any
@@ -139,7 +139,7 @@ def apply_kernel_masks(
 
     Args:
         model: the model the graph was built from.
-        graph: its :class:`~netcarve.graph.ModelGraph`.
+        graph: its :class:`~netcarve.core.graph.ModelGraph`.
         masks: ``{layer: bool tensor of LayerInfo.mask_shape}``, True = kept. Layers not
             named stay untouched. For a Linear after a flattened map, masking input channel
             ``i`` zeroes its whole block of ``spatial`` columns.
@@ -201,7 +201,7 @@ def apply_filter_masks(
 
     Args:
         model: the model the graph was built from.
-        graph: its :class:`~netcarve.graph.ModelGraph`.
+        graph: its :class:`~netcarve.core.graph.ModelGraph`.
         masks: ``{layer: bool [out_channels]}``, True = kept, False = removed.
 
     Yields:

@@ -88,11 +88,11 @@ class Target:
             raise TargetError("a direction needs finite weights, not all zero")
         return cls(layer, direction=w, objective=objective)
 
-    def resolve(self, graph) -> Target:  # graph: netcarve.graph.ModelGraph
+    def resolve(self, graph) -> Target:  # graph: netcarve.core.graph.ModelGraph
         """Check the target against a model graph (and resolve ``logit``).
 
         Args:
-            graph: the model's :class:`~netcarve.graph.ModelGraph`.
+            graph: the model's :class:`~netcarve.core.graph.ModelGraph`.
 
         Returns:
             The target with ``logit`` replaced by the last Linear layer's name.

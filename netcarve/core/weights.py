@@ -11,11 +11,11 @@ netcarve reads two kinds of weight files and never unpickles arbitrary Python ob
 
 :func:`load_weights` compares keys and shapes with the model *before* copying anything,
 so a model is never left half-loaded. Every problem is reported as a
-:class:`~netcarve.errors.WeightsError` whose message names the file and what is wrong.
+:class:`~netcarve.core.errors.WeightsError` whose message names the file and what is wrong.
 
 Example:
     >>> import torch
-    >>> from netcarve.weights import load_weights, save_weights
+    >>> from netcarve.core.weights import load_weights, save_weights
     >>> model = torch.nn.Linear(3, 2)
     >>> path = save_weights(model, "/tmp/linear.safetensors", metadata={"arch": "linear"})
     >>> load_weights(torch.nn.Linear(3, 2), path).weight.shape

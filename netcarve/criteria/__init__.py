@@ -81,8 +81,8 @@ class ScoringContext:
 
     Attributes:
         model: the model (it comes back unchanged).
-        graph: its :class:`~netcarve.graph.ModelGraph`.
-        target: the target, already resolved (:meth:`~netcarve.targets.Target.resolve`).
+        graph: its :class:`~netcarve.core.graph.ModelGraph`.
+        target: the target, already resolved (:meth:`~netcarve.core.targets.Target.resolve`).
         batches: a callable; each call returns an iterator over normalised image batches
             ``[N, C, H, W]`` already on the model's device and dtype. Criteria that need
             several passes (FORCE) call it several times.

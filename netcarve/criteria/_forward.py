@@ -113,7 +113,7 @@ def kernel_view(weight: torch.Tensor, info: LayerInfo) -> torch.Tensor:
 
     Args:
         weight: the layer's weight (or anything shaped like it, e.g. its gradient).
-        info: the layer's :class:`~netcarve.graph.LayerInfo`.
+        info: the layer's :class:`~netcarve.core.layers.LayerInfo`.
 
     Returns:
         a view ``[out, in // groups, taps]``.
@@ -196,8 +196,8 @@ def scoring_session(
 
     Eval mode, gradients enabled, ``ctx.masks`` applied (when ``masks``), and
     ``requires_grad=True`` on the weights of the named layers; all of it is undone on exit,
-    also on exceptions (:func:`netcarve.hooks.preserved_state`, which restores training flags
-    and ``requires_grad``; :func:`netcarve.hooks.apply_kernel_masks`, which restores weights).
+    also on exceptions (:func:`netcarve.core.hooks.preserved_state`, which restores training flags
+    and ``requires_grad``; :func:`netcarve.core.hooks.apply_kernel_masks`, which restores weights).
 
     Args:
         ctx: the scoring context.

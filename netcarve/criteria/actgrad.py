@@ -411,7 +411,7 @@ def kernel_abs_sums(module: nn.Module, info: LayerInfo, x: torch.Tensor, g: torc
 
     Args:
         module: the conv or Linear module.
-        info: its :class:`~netcarve.graph.LayerInfo`.
+        info: its :class:`~netcarve.core.layers.LayerInfo`.
         x: the layer's input ``[N, C_in, ...]`` (or ``[N, features]``).
         g: ``∂L/∂z`` for the layer's raw output ``[N, C_out, ...]``.
         rows: int64 sorted output channels to compute.

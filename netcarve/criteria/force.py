@@ -3,7 +3,7 @@
 FORCE prunes in ``T`` steps (default 10) on an exponential schedule: at step ``t`` it keeps the
 top ``k_t`` relevant kernels, ``k_t = round(keep^(t/T) × #relevant)`` (never below the final
 count; the last step keeps exactly ``k = max(1, round(keep × #relevant))``, the count that
-:func:`netcarve.circuit.keep_count` uses). Each step scores with the previous step's mask
+:func:`netcarve.circuits.circuit.keep_count` uses). Each step scores with the previous step's mask
 applied (weights of dropped kernels zeroed) and takes the saliency w.r.t. the *mask*::
 
     s(o, i) = Σ_taps |w_original ⊙ ∂L/∂(w ⊙ m)|
@@ -191,7 +191,7 @@ class Force:
 
         Raises:
             GranularityError: always (a :class:`NotImplementedError` and a
-                :class:`~netcarve.errors.NetcarveError`).
+                :class:`~netcarve.core.errors.NetcarveError`).
 
         Example:
             >>> try:

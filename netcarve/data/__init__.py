@@ -6,7 +6,7 @@
 - Streams: a tensor, DataLoader or iterable of batches as one thing (:func:`as_stream`),
   and a deterministic worker-decoded loader over a folder (:func:`image_folder_loader`).
 
-Every problem with files or folders is raised as :class:`netcarve.errors.DataError`.
+Every problem with files or folders is raised as :class:`netcarve.core.errors.DataError`.
 """
 
 from netcarve.data.fashion_mnist import (

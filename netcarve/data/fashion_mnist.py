@@ -1,7 +1,7 @@
 """Fashion-MNIST: locate the IDX files, parse them strictly, and load them as tensors.
 
 The reader is deliberately strict: a truncated download, a file with trailing bytes or a
-corrupt gzip stream is reported as a :class:`~netcarve.errors.DataError` naming the file,
+corrupt gzip stream is reported as a :class:`~netcarve.core.errors.DataError` naming the file,
 instead of surfacing later as a confusing shape error or, worse, silently wrong data.
 """
 

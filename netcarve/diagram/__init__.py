@@ -172,7 +172,7 @@ def write_diagram(
     """Draw a circuit: build its JSON graph and write it in the requested formats.
 
     Args:
-        circuit: a :class:`~netcarve.circuit.Circuit`.
+        circuit: a :class:`~netcarve.circuits.circuit.Circuit`.
         model: the model it was extracted from.
         out_dir: output folder (created); files are ``<stem>.<format>``.
         formats: any of ``html``, ``svg``, ``png``, ``json`` (a list or ``"html,svg"``).

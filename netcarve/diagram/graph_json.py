@@ -172,12 +172,12 @@ def circuit_to_json(
     """Build the diagram JSON of a circuit.
 
     Args:
-        circuit: a :class:`~netcarve.circuit.Circuit` (its ``target``, ``masks``,
+        circuit: a :class:`~netcarve.circuits.circuit.Circuit` (its ``target``, ``masks``,
             ``scores``, ``relevant``, ``criterion``, ``keep``, ``collapsed``,
             ``preservation`` and ``metadata`` are read).
         model: the model the circuit was extracted from (weights give kernel pictures,
             weights and signs; it is not modified).
-        graph: its :class:`~netcarve.graph.ModelGraph` (``circuit.graph_for(model)`` when
+        graph: its :class:`~netcarve.core.graph.ModelGraph` (``circuit.graph_for(model)`` when
             omitted: built from the circuit's ``metadata["input_shape"]``).
         images: normalised images ``[N, C, H, W]`` for data-set example pictures.
         preset: the images' preset (display colours; class names of logit targets).

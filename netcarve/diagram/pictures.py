@@ -103,8 +103,8 @@ class PictureRequest:
     """What a picture provider gets.
 
     Attributes:
-        model: the model (providers must leave it unchanged; use :mod:`netcarve.hooks`).
-        graph: its :class:`~netcarve.graph.ModelGraph`.
+        model: the model (providers must leave it unchanged; use :mod:`netcarve.core.hooks`).
+        graph: its :class:`~netcarve.core.graph.ModelGraph`.
         nodes: the nodes to picture.
         images: normalised images ``[N, C, H, W]`` for data-set examples, or None.
         preset: the images' preset (to undo the normalisation for display), or None.

@@ -57,7 +57,7 @@ KEEP_RULES: tuple[str, ...] = ("l1", "mean_activation", "apoz", "taylor", "car",
                                "class_preference")
 """Importance criteria for the keep rule (the most important member of a cluster stays):
 ``l1`` weight L1 norm, ``mean_activation`` / ``apoz`` / ``taylor`` as in
-:mod:`netcarve.baselines`, ``car`` the CAR rank (:func:`netcarve.car.car_scores`),
+:mod:`netcarve.car.baselines`, ``car`` the CAR rank (:func:`netcarve.car.car_scores`),
 ``class_preference`` the filter's summed class preference."""
 
 
@@ -201,7 +201,7 @@ class FunctionalPruning:
     seconds: float = 0.0
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """``{layer: bool [out_channels]}``, True = kept (for :mod:`netcarve.compress`)."""
+        """``{layer: bool [out_channels]}``, True = kept (for :mod:`netcarve.surgery.pruned`)."""
         return {name: lp.keep.clone() for name, lp in self.layers.items()}
 
     def removed_counts(self) -> dict[str, int]:
@@ -456,10 +456,10 @@ def compare_pruning(
 ) -> PruningComparison:
     """Build the physically smaller network of every method and measure it.
 
-    For every method: :func:`netcarve.compress.prune_filters` (parameters and multiply-adds
+    For every method: :func:`netcarve.surgery.prune.prune_filters` (parameters and multiply-adds
     before/after), top-1 accuracy on the evaluation images before fine-tuning, then
-    :func:`netcarve.finetune.finetune` with the same recipe and seed for every method, and the
-    accuracy after it.
+    :func:`netcarve.training.finetune.finetune` with the same recipe and seed for every method,
+    and the accuracy after it.
 
     Args:
         model: the original classifier (comes back unchanged).
@@ -475,7 +475,7 @@ def compare_pruning(
         seed: seeds fine-tuning.
         graph: the model's graph.
         fold: ``"lstsq"`` (refit the layers after the pruned ones by least squares, see
-            :mod:`netcarve.fold`), ``"none"`` (the papers' drop), or ``{method: fold}``
+            :mod:`netcarve.surgery.fold`), ``"none"`` (the papers' drop), or ``{method: fold}``
             (methods not named: ``"none"``).
         fold_images: probe images of the fold (uint8 or normalised; default: the first
             1,000 training images). Keep them apart from ``eval_images``.

@@ -9,7 +9,7 @@ PNG figures, CSV tables and ``summary.json`` into its output folder:
 * ``fop``: functionality-oriented vs magnitude pruning, and functionality defection
   (:mod:`.fop`);
 * ``planted``: criteria recovering circuits planted in hand-built networks
-  (:func:`netcarve.planted.run_planted`).
+  (:func:`netcarve.benchmarks.planted.run_planted`).
 
 Example:
     >>> from netcarve.reproduce import EXPERIMENTS

@@ -272,7 +272,7 @@ def colour_vs_shape(settings: CarSettings, seed: int = 0,
     Returns:
         ``{"rows": [...], "orders": {...}, "weight_index": [...], "response_index": [...],
         ...}``; one row per (order, index): the output of
-        :func:`netcarve.colour.colour_vs_pruning` plus ``order``.
+        :func:`netcarve.car.colour.colour_vs_pruning` plus ``order``.
 
     Example:
         >>> res = colour_vs_shape(CarSettings.quick())  # doctest: +SKIP

@@ -180,7 +180,7 @@ def _sweep_chunk(model: str, targets: list[str], settings: dict[str, Any], seed:
 
 def _run_sweeps(settings: CircuitsSettings, plans: dict[str, list[str]], seed: int,
                 log: Logger) -> list[dict[str, Any]]:
-    """Every model's units through :func:`netcarve.sweep.sweep`, chunk by chunk."""
+    """Every model's units through :func:`netcarve.circuits.sweep.sweep`, chunk by chunk."""
     jobs = [(model, targets[i:i + settings.chunk]) for model, targets in plans.items()
             for i in range(0, len(targets), settings.chunk)]
     conf = asdict(settings)

@@ -8,8 +8,8 @@ On ``fmnist_vgg``:
    threshold), and only the filter with the largest weight L1 norm survives in every cluster.
 2. **Magnitude pruning** (weight L1) removes the same number of filters from every layer, so
    both pruned networks have identical parameters and multiply-adds.
-3. Each mask set twice: with the **least-squares fold** (:mod:`netcarve.fold`: the layers fed
-   by the pruned ones are refitted on the kept channels by ridge least squares over the probe
+3. Each mask set twice: with the **least-squares fold** (:mod:`netcarve.surgery.fold`: the layers
+   fed by the pruned ones are refitted on the kept channels by ridge least squares over the probe
    images, which are train images, never the evaluation images) and with the papers' plain
    drop -- four physically smaller networks at identical multiply-adds (:data:`METHODS`).
    Top-1 accuracy of each before fine-tuning and after fine-tuning with every
@@ -57,7 +57,7 @@ PAPER_FOP = {"flops_removed": 0.6888, "accuracy_drop": 0.0034}
 
 METHODS: tuple[str, ...] = ("functional+fold", "functional", "magnitude+fold", "magnitude")
 """The four pruned networks, all at the same multiply-adds: functional or magnitude masks,
-with the least-squares fold (:mod:`netcarve.fold`) or the papers' drop."""
+with the least-squares fold (:mod:`netcarve.surgery.fold`) or the papers' drop."""
 _FOLDS = {"functional+fold": "lstsq", "magnitude+fold": "lstsq"}
 
 

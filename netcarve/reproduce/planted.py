@@ -1,9 +1,10 @@
 """``netcarve reproduce planted``: can the criteria recover a circuit planted by construction?
 
-The benchmark itself lives in :mod:`netcarve.planted` (:func:`netcarve.planted.run_planted`
-writes ``planted.md``, ``planted.csv`` and ``planted.png``). This module runs it and wraps its
-Markdown in a ``report.md`` with the same header as the other experiments (command, seed,
-versions, date), so every ``netcarve reproduce`` folder reads the same way.
+The benchmark itself lives in :mod:`netcarve.benchmarks`
+(:func:`netcarve.benchmarks.planted.run_planted` writes ``planted.md``, ``planted.csv`` and
+``planted.png``). This module runs it and wraps its Markdown in a ``report.md`` with the same
+header as the other experiments (command, seed, versions, date), so every ``netcarve
+reproduce`` folder reads the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def run_planted_report(
     command: str | None = None,
     log: Logger | None = None,
 ) -> dict[str, Any]:
-    """Run :func:`netcarve.planted.run_planted` into ``out_dir`` and write ``report.md``.
+    """Run :func:`netcarve.benchmarks.planted.run_planted` into ``out_dir`` and write ``report.md``.
 
     Args:
         out_dir: output folder (created).
@@ -68,7 +69,7 @@ def run_planted_report(
     rep.p("Hand-built networks whose circuit for a target is known by construction: each "
           "criterion is asked to recover it, and the recovered kernels are compared with the "
           "ground truth (precision, recall, held-out preservation). The benchmark is "
-          "`netcarve.planted.run_planted`; its own report follows.")
+          "`netcarve.benchmarks.planted.run_planted`; its own report follows.")
     if md.exists():
         rep.body += [*_demote(md.read_text()), ""]
     plot = Path(files.get("plot", out / "planted.png"))

@@ -9,7 +9,7 @@ This experiment does the same on a bundled model:
    the maximum of its response map) are taken, the unit's general circuit is extracted from them
    (actgrad), and every image gets a vector of kernel scores over the general circuit. These
    vectors are normalised, projected by PCA and split in two by k-means (as
-   :func:`netcarve.subcircuits.subcircuits` does).
+   :func:`netcarve.circuits.subcircuits.subcircuits` does).
 2. **Pick.** The unit whose two groups separate best is chosen: the highest silhouette
    coefficient of the two k-means groups in PCA space, among units whose smaller group holds at
    least ``min_group_share`` of the images (a lopsided split is an outlier, not a sub-feature).
@@ -132,7 +132,7 @@ def _peak_responses(model: torch.nn.Module, layer: str, images: torch.Tensor,
 
 
 def _embed(features: torch.Tensor, components: int, seed: int) -> Any:
-    """The PCA embedding k-means sees in :func:`netcarve.subcircuits.find_groups`."""
+    """The PCA embedding k-means sees in :func:`netcarve.circuits.subcircuits.find_groups`."""
     import numpy as np
     from sklearn.decomposition import PCA
 

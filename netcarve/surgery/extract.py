@@ -1,6 +1,6 @@
 """Circuit surgery: cut a circuit out of a model as a standalone, physically smaller module.
 
-:func:`extract_module` takes a model, its :class:`~netcarve.graph.ModelGraph`, kernel masks
+:func:`extract_module` takes a model, its :class:`~netcarve.core.graph.ModelGraph`, kernel masks
 and a target (a layer and some of its output channels) and returns a :class:`CircuitModule`:
 an ordinary ``nn.Module`` (it wraps a :class:`torch.fx.GraphModule`) that computes the target
 layer's raw output on the target channels, in the given order, and nothing else.
@@ -10,7 +10,7 @@ biases and BatchNorm parameters stay. A channel whose kernels are all masked the
 emits a constant map (bias → BatchNorm → activation), and with zero padding downstream that
 constant produces border effects. The extracted module reproduces this exactly: its output
 equals the target layer's output of the model in eval mode under
-:func:`~netcarve.hooks.apply_kernel_masks` (up to float rounding, since the sums run over
+:func:`~netcarve.core.hooks.apply_kernel_masks` (up to float rounding, since the sums run over
 fewer terms), restricted to the target channels.
 
 What is kept:
@@ -41,7 +41,7 @@ read again later is not followed (the same limitation as the channel graph).
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from netcarve.graph import ModelGraph
+    >>> from netcarve.core.graph import ModelGraph
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
     >>> graph = ModelGraph.build(net, torch.zeros(1, 3, 8, 8))
     >>> masks = {"2": torch.zeros(4, 8, dtype=torch.bool)}
@@ -85,14 +85,14 @@ def extract_module(
     """Cut the circuit given by kernel masks out of ``model`` as a small standalone module.
 
     The module's output equals ``model``'s target layer output (raw, before any activation)
-    in eval mode under :func:`~netcarve.hooks.apply_kernel_masks` ``(model, graph, masks)``,
+    in eval mode under :func:`~netcarve.core.hooks.apply_kernel_masks` ``(model, graph, masks)``,
     restricted to ``channels`` in the given order (≤1e-5 relative in float32). Kernels are
     masked by zeroing weights only, so channels without kept kernels still emit their bias /
     BatchNorm constants, and the module keeps them (see the module docstring).
 
     Args:
         model: the model the graph was built from (not modified; nothing is shared with it).
-        graph: its :class:`~netcarve.graph.ModelGraph` (from ``ModelGraph.build``).
+        graph: its :class:`~netcarve.core.graph.ModelGraph` (from ``ModelGraph.build``).
         masks: ``{layer: bool LayerInfo.mask_shape}``, True = kept; a layer that is not named
             keeps all its kernels (as in ``apply_kernel_masks``). Effective masks work too.
         target_layer: dotted name of the target conv/linear layer.

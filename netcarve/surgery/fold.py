@@ -33,7 +33,7 @@ the fit sees the targets.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from netcarve.compress import prune_filters
+    >>> from netcarve.surgery.prune import prune_filters
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
@@ -305,14 +305,14 @@ def fold_lstsq(
 
     Args:
         model: the original (unpruned) model ``pruned`` was made from (not changed).
-        pruned: the result of :func:`netcarve.compress.prune_filters` (not changed).
+        pruned: the result of :func:`netcarve.surgery.prune.prune_filters` (not changed).
         images: normalised probe images, a batch the model takes; not the evaluation images.
         graph: the original model's graph (built from ``images`` when omitted).
         ridge: penalty relative to the mean diagonal of the centred ``A^T A`` (>= 0).
         batch_size: images per forward pass.
 
     Returns:
-        a new :class:`~netcarve.compress.PrunedModel` with the same structure, refitted
+        a new :class:`~netcarve.surgery.pruned.PrunedModel` with the same structure, refitted
         weights, and ``metadata["fold"] = "lstsq"``, ``metadata["fold_fit"]`` (one
         :class:`FoldFit` as a dict per consumer), ``metadata["fold_images"]``,
         ``metadata["ridge"]``. When nothing was removed it equals ``pruned``.

@@ -4,7 +4,7 @@
 weight and bias, the matching entries of the BatchNorm that follows it, and the matching input
 channels of every layer it feeds (for a Linear after a flatten, the whole block of columns of
 each removed channel). The result, a :class:`PrunedModel`, computes what the original model
-computes under :func:`netcarve.hooks.apply_filter_masks` with the same masks (a removed filter
+computes under :func:`netcarve.core.hooks.apply_filter_masks` with the same masks (a removed filter
 outputs exactly 0 after its BatchNorm), up to float rounding (the sums run over fewer terms);
 :func:`prune_filters` checks that on an input and refuses a result that differs by more than
 ``tol`` (relative to the largest output).
@@ -24,7 +24,7 @@ Not prunable, with the reason in the error:
 * a layer followed by an activation with ``f(0) != 0`` (sigmoid) or by a BatchNorm that is not
   its own.
 
-The model is traced by :mod:`torch.fx` (via :class:`~netcarve.graph.ModelGraph`), so in-place
+The model is traced by :mod:`torch.fx` (via :class:`~netcarve.core.graph.ModelGraph`), so in-place
 ReLUs (torchvision style) and ``out += identity`` are followed. The user's model is never
 changed: the result is a new module (a deep copy with resized layers).
 
@@ -259,7 +259,7 @@ def prune_filters(
     """A new, physically smaller model without the masked filters.
 
     With ``fold="lstsq"`` the layers fed by the pruned layers are then refitted on the kept
-    channels by ridge least squares over ``fold_images`` (:func:`netcarve.fold.fold_lstsq`),
+    channels by ridge least squares over ``fold_images`` (:func:`netcarve.surgery.fold.fold_lstsq`),
     so a removed filter's contribution is re-expressed through the kept ones; the equivalence
     check above is made before the refit.
 
@@ -275,10 +275,10 @@ def prune_filters(
         order: the pruning order, recorded in the result.
         tol: largest allowed ``max|pruned - masked| / max|masked|`` on the check input.
         fold: ``"none"`` (drop the removed filters' contributions, the papers' pruning) or
-            ``"lstsq"`` (refit the next layers; see :mod:`netcarve.fold`).
+            ``"lstsq"`` (refit the next layers; see :mod:`netcarve.surgery.fold`).
         fold_images: normalised probe images for ``fold="lstsq"``, separate from the images
             the result is evaluated on.
-        ridge: the refit's relative ridge penalty (:func:`netcarve.fold.fold_lstsq`).
+        ridge: the refit's relative ridge penalty (:func:`netcarve.surgery.fold.fold_lstsq`).
 
     Returns:
         a :class:`PrunedModel` whose module is in eval mode, on the model's device and dtype

@@ -118,7 +118,7 @@ def finetune(
         lr: peak learning rate (> 0); cosine-annealed to 0 over all steps.
         seed: seeds shuffling, augmentation and dropout.
         images / labels: training data (uint8 with ``preset``, or normalised floats). Default:
-            the preset's train split (:func:`netcarve.evaluation.reference_data`).
+            the preset's train split (:func:`netcarve.training.evaluation.reference_data`).
         max_images: use only the first N training images per epoch.
         batch_size: images per step.
         momentum / weight_decay: SGD settings.

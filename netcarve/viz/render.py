@@ -2,7 +2,7 @@
 
 **Activation maximisation** (:func:`visualize`) optimises one input image per objective so that
 it drives a unit as high as possible. The objectives are the project's targets
-(:class:`~netcarve.targets.Target`): a channel (mean of its raw output map over positions), a
+(:class:`~netcarve.core.targets.Target`): a channel (mean of its raw output map over positions), a
 neuron (one position of a channel), a direction (a weighted sum of channels, averaged over
 positions) or a logit. Many objectives are optimised at once, one per batch item, and they may
 sit in different layers. The image is
@@ -214,7 +214,7 @@ def _normaliser(preset: Preset | None, channels: int, device: torch.device
 
 
 def build_graph(model: nn.Module, input_shape: Sequence[int]) -> ModelGraph:
-    """The model's :class:`~netcarve.graph.ModelGraph` for one ``input_shape`` image.
+    """The model's :class:`~netcarve.core.graph.ModelGraph` for one ``input_shape`` image.
 
     Example:
         >>> g = build_graph(nn.Sequential(nn.Conv2d(1, 2, 3)), (1, 8, 8))
@@ -305,7 +305,7 @@ def visualize(
         model: any CNN (it comes back exactly as it was).
         targets: a layer name (all its channels, or ``channels``), a target string
             (``"features.4:3"``, a neuron ``"features.4:3@7,7"``, a logit ``"logit:2"``), a
-            :class:`~netcarve.targets.Target` (``Target.from_direction`` for a direction), or
+            :class:`~netcarve.core.targets.Target` (``Target.from_direction`` for a direction), or
             a list of those. The objective is the mean of the target's raw response over
             positions (the value itself for a neuron or a logit).
         channels: channels of a bare layer name.

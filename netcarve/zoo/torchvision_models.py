@@ -4,7 +4,7 @@ The classes here are written from scratch (torchvision is an optional dependency
 netcarve never imports), but every ``state_dict()`` key, every tensor shape and every
 ``named_modules()`` name is the same as in torchvision, so a weight file saved from a
 torchvision model (``torch.save(model.state_dict(), path)``) loads into the matching
-factory below with :func:`netcarve.weights.load_weights`.
+factory below with :func:`netcarve.core.weights.load_weights`.
 
 Like torchvision, the ReLUs are ``inplace=True`` and the residual addition in
 :class:`BasicBlock` is written ``out += identity``; code that hooks or traces these models

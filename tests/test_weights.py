@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _state import assert_unchanged
+from _state import snapshot as model_snapshot
 from torch import nn
 
 from netcarve.core.errors import NetcarveError, WeightsError
@@ -318,7 +320,7 @@ def test_bad_metadata_and_bad_values_are_rejected(tmp_path: Path):
 
 def test_missing_keys_are_listed_and_model_unchanged():
     model = make_model(seed=1)
-    before = snapshot(model)
+    before = model_snapshot(model)
     state = trained_state()
     del state["5.weight"], state["1.running_var"]
     with pytest.raises(WeightsError) as info:
@@ -328,7 +330,7 @@ def test_missing_keys_are_listed_and_model_unchanged():
     assert "5.weight" in message and "1.running_var" in message
     assert "unexpected" not in message
     assert "netcarve models" in message
-    assert_state_equal(model, before)
+    assert_unchanged(model, before)
 
 
 def test_unexpected_keys_are_listed(tmp_path: Path):
@@ -336,19 +338,19 @@ def test_unexpected_keys_are_listed(tmp_path: Path):
     state["head.extra.weight"] = torch.zeros(3)
     path = save_weights(state, tmp_path / "extra.safetensors")
     model = make_model(seed=1)
-    before = snapshot(model)
+    before = model_snapshot(model)
     with pytest.raises(WeightsError) as info:
         load_weights(model, path)
     message = str(info.value)
     assert str(path) in message
     assert "1 unexpected key(s)" in message and "head.extra.weight" in message
     assert "missing" not in message
-    assert_state_equal(model, before)
+    assert_unchanged(model, before)
 
 
 def test_shape_conflicts_are_listed_with_both_shapes_and_model_unchanged(tmp_path: Path):
     model = make_model(seed=1, classes=10)
-    before = snapshot(model)
+    before = model_snapshot(model)
     state = trained_state()  # 4 classes
     path = save_weights(state, tmp_path / "four_classes.safetensors")
     with pytest.raises(WeightsError) as info:
@@ -357,17 +359,17 @@ def test_shape_conflicts_are_listed_with_both_shapes_and_model_unchanged(tmp_pat
     assert "2 shape conflict(s)" in message
     assert "5.weight: model expects [10, 8], file has [4, 8]" in message
     assert "5.bias: model expects [10], file has [4]" in message
-    assert_state_equal(model, before)
+    assert_unchanged(model, before)
 
     # Shape conflicts are errors even when strict=False.
     with pytest.raises(WeightsError, match="shape conflict"):
         load_weights(model, state, strict=False)
-    assert_state_equal(model, before)
+    assert_unchanged(model, before)
 
 
 def test_all_three_kinds_together_and_truncated_listing():
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(15)])  # keys 0.weight … 14.bias
-    before = snapshot(model)
+    before = model_snapshot(model)
     state = {f"other.{i}": torch.zeros(1) for i in range(13)}
     state["0.weight"] = torch.zeros(3, 3)
     state["0.bias"] = torch.zeros(2)
@@ -380,7 +382,7 @@ def test_all_three_kinds_together_and_truncated_listing():
     assert "… and 3 more" in message
     assert "0.weight: model expects [2, 2], state dict has [3, 3]" in message
     assert len(message.splitlines()) < 40
-    assert_state_equal(model, before)
+    assert_unchanged(model, before)
 
 
 def test_prefix_hint():

@@ -261,6 +261,7 @@ def extract(
     seed: int = 0,
     graph: ModelGraph | None = None,
     measure: bool = True,
+    scores: dict[str, torch.Tensor] | None = None,
 ) -> Circuit:
     """Extract a feature-preserving circuit for ``target``.
 
@@ -290,6 +291,9 @@ def extract(
         seed: seeds the random criterion and the scoring/held-out split.
         graph: a prebuilt :class:`ModelGraph` (built from the first image when omitted).
         measure: measure preservation (skip for speed when only masks are needed).
+        scores: kernel scores already computed by :func:`score_kernels` for this target,
+            criterion and scoring images (one-shot kernel granularity only: ``steps=1``, not
+            FORCE); the scoring pass is then skipped (used by the keep search).
 
     Returns:
         A :class:`Circuit`. Total collapse is reported in ``circuit.collapsed``.
@@ -316,6 +320,10 @@ def extract(
         raise CircuitError("no scoring images given")
     if granularity not in GRANULARITIES:
         raise CircuitError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    given = scores
+    if given is not None and (granularity != "kernel" or steps != 1 or criterion == "force"):
+        raise CircuitError("precomputed scores need granularity='kernel', steps=1 and a "
+                           f"one-shot criterion (got {granularity!r}, {steps}, {criterion!r})")
     start = time.perf_counter()
     p = next(model.parameters())
     first = stream.first(device=p.device, dtype=p.dtype)
@@ -344,7 +352,7 @@ def extract(
         for t in range(1, n_steps + 1):
             keep_t = keep ** (t / n_steps)
             k_t = k_final if t == n_steps else max(k_final, round(keep_t * count(relevant)))
-            scores = score_kernels(
+            scores = given if given is not None else score_kernels(
                 model, graph, target, scoring, criterion=criterion, keep=keep,
                 masks=None if t == 1 else current, **common,
             )

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import pairwise
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from netcarve.circuits.circuit import Circuit, CircuitError, count, select_top_k
@@ -81,7 +81,7 @@ class KeepSearch:
     def monotone(self) -> bool:
         """True when preservation never decreased as keep increased over the sampled points."""
         rs = [_r(p["pearson"]) for p in self.curve]
-        return all(b >= a - 1e-12 for a, b in zip(rs, rs[1:], strict=False))
+        return all(b >= a - 1e-12 for a, b in pairwise(rs))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (without the circuit's tensors)."""

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 import time
-from itertools import pairwise
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from torch import nn

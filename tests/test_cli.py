@@ -100,6 +100,27 @@ def test_extract_writes_circuit_and_summary(tmp_path):
     assert c.kept_kernels == summary["kept_kernels"]
 
 
+def test_extract_min_preservation_runs_the_keep_search(tmp_path):
+    out = tmp_path / "ks"
+    proc = run("extract", "fmnist_vgg", "features.11:5", "--min-preservation", "0.8",
+               "--images", "200", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    search = summary["keep_search"]
+    assert search["goal"] == 0.8 and search["reached"] and search["search_on"] == "heldout"
+    chosen = next(p for p in search["curve"] if p["keep"] == search["keep"])
+    assert chosen["pearson"] >= 0.8
+    smaller = [p for p in search["curve"] if p["keep"] < search["keep"]]
+    assert smaller and not max(smaller, key=lambda p: p["keep"])["reached"]
+    assert summary["preservation_heldout"]["pearson"] == chosen["pearson"]
+    rows = (out / "keep_search.csv").read_text().splitlines()
+    assert rows[0].startswith("keep,k,kept_kernels") and len(rows) == len(search["curve"]) + 1
+    proc = run("extract", "fmnist_vgg", "features.11:5", "--min-preservation", "0.8",
+               "--keep", "0.2", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "--min-preservation chooses the keep" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_extract_user_mistakes_are_clean(tmp_path):
     proc = run("extract", "fmnist_vgg", "features.12:5", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "features.11" in proc.stderr

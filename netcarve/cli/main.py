@@ -195,22 +195,44 @@ def _floats(value: str, name: str) -> list[float]:
 @click.option("--per-layer-norm", is_flag=True, help="Normalise scores per layer first.")
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Iterative re-scoring steps.")
+@click.option("--min-preservation", type=click.FloatRange(-1, 1, min_open=True), default=None,
+              help="Instead of --keep: the smallest keep whose circuit reaches this Pearson r "
+                   "(keep search; the sampled curve goes to keep_search.csv).")
+@click.option("--search-on", type=click.Choice(["heldout", "scoring"]), default="heldout",
+              show_default=True, help="Images the --min-preservation goal is checked on "
+                                      "(scoring: held-out stays an unbiased report).")
 @_model_options
 @workers_option
 @fail_cleanly
-def extract(model: str, target: str, criterion: str, keep: float, granularity: str,
-            per_layer_norm: bool, steps: int, weights: Path | None, preset: str | None,
+@click.pass_context
+def extract(ctx: click.Context, model: str, target: str, criterion: str, keep: float,
+            granularity: str, per_layer_norm: bool, steps: int, min_preservation: float | None,
+            search_on: str, weights: Path | None, preset: str | None,
             images_dir: Path | None, n_images: int, n_heldout: int | None, batch_size: int,
             device: str, seed: int, out: Path, as_json: bool, workers: int) -> None:
     """Extract the circuit of TARGET ("layer:channel", "layer:channel@y,x" or "logit:K")."""
     from netcarve.circuits.extract import extract as run_extract
+    from netcarve.circuits.keep_search import find_keep
 
+    search = None
+    if min_preservation is not None:
+        given = [f"--{n.replace('_', '-')}" for n in ("keep", "granularity", "steps")
+                 if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"--min-preservation chooses the keep itself; drop "
+                                   f"{', '.join(given)} (it searches kernel circuits, one step)")
     lm, scoring, heldout = _load_for_analysis(model, weights, preset, images_dir, n_images,
                                               n_heldout, device, seed, workers=workers,
                                               batch_size=batch_size)
-    circuit = run_extract(lm.model, target, scoring, heldout=heldout, criterion=criterion,
-                          keep=keep, granularity=granularity, per_layer_norm=per_layer_norm,
-                          steps=steps, batch_size=batch_size, seed=seed)
+    if min_preservation is not None:
+        search = find_keep(lm.model, target, scoring, heldout=heldout, goal=min_preservation,
+                           criterion=criterion, search_on=search_on,
+                           per_layer_norm=per_layer_norm, batch_size=batch_size, seed=seed)
+        circuit, keep = search.circuit, search.keep
+    else:
+        circuit = run_extract(lm.model, target, scoring, heldout=heldout, criterion=criterion,
+                              keep=keep, granularity=granularity, per_layer_norm=per_layer_norm,
+                              steps=steps, batch_size=batch_size, seed=seed)
     circuit.metadata["model"] = lm.name
     out.mkdir(parents=True, exist_ok=True)
     circuit.save(out / "circuit.safetensors")
@@ -219,8 +241,18 @@ def extract(model: str, target: str, criterion: str, keep: float, granularity: s
     pres = circuit.preservation
     text = (f"{circuit.target} [{criterion}, keep {keep:g}]: kept {circuit.kept_kernels:,} of "
             f"{circuit.relevant_kernels:,} relevant kernels; held-out preservation r = "
-            f"{pres.pearson:.3f}" + (" (total collapse)" if circuit.collapsed else "")
-            + f"\nwrote {out / 'circuit.safetensors'} and {out / 'summary.json'}")
+            f"{pres.pearson:.3f}" + (" (total collapse)" if circuit.collapsed else ""))
+    if search is not None:
+        from netcarve.core._csv import write_rows
+
+        summary["keep_search"] = search.to_dict()
+        write_rows(out / "keep_search.csv", search.curve, list(search.curve[0]))
+        verdict = ("reached" if search.reached
+                   else "NOT reached even with every relevant kernel")
+        text += (f"\nkeep search: goal r >= {min_preservation:g} on {search_on} images "
+                 f"{verdict} at keep {search.keep:.4g} ({search.evaluations} keeps sampled, "
+                 f"curve in {out / 'keep_search.csv'})")
+    text += f"\nwrote {out / 'circuit.safetensors'} and {out / 'summary.json'}"
     _write_summary(out, summary, as_json, text)
 
 

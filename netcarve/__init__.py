@@ -17,6 +17,7 @@ from netcarve.car.greedy import greedy_prune
 from netcarve.car.scores import car_scores, classwise_car
 from netcarve.circuits.circuit import Circuit, select_top_k
 from netcarve.circuits.extract import extract
+from netcarve.circuits.keep_search import KeepSearch, find_keep
 from netcarve.circuits.subcircuits import subcircuits
 from netcarve.circuits.sweep import sweep
 from netcarve.core.errors import NetcarveError
@@ -48,6 +49,7 @@ __all__ = [
     "Circuit",
     "ImageFolderDataset",
     "ImageStream",
+    "KeepSearch",
     "ModelGraph",
     "NetcarveError",
     "Preset",
@@ -71,6 +73,7 @@ __all__ = [
     "describe_filters",
     "evaluate",
     "extract",
+    "find_keep",
     "finetune",
     "fold_lstsq",
     "forward_until",

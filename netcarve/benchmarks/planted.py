@@ -87,7 +87,7 @@ from netcarve.benchmarks.planted_models import (
 from netcarve.circuits.circuit import count, keep_count, select_top_k
 from netcarve.circuits.extract import measure_preservation, score_kernels, target_responses
 from netcarve.core._csv import write_rows
-from netcarve.core.plotting import pyplot
+from netcarve.core.plotting import pyplot, save_figure
 from netcarve.core.targets import Target
 from netcarve.criteria import get_criterion
 
@@ -280,11 +280,7 @@ class PlantedReport:
                 ax.set_title(f"{arch}: {name} of the planted circuit")
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=110)
 
 
 def _keep_plan(case: PlantedCase, keeps: Sequence[float] | None) -> list[tuple[str, float]]:

@@ -47,6 +47,7 @@ from netcarve.car.engine import AblationEngine
 from netcarve.car.stats import AblationError
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import capture, preserved_state, resolve_module, stop_at
+from netcarve.core.plotting import save_figure
 from netcarve.data.preset import Preset
 
 __all__ = [
@@ -266,11 +267,7 @@ class CurveReport:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+        return save_figure(fig, path, dpi=110)
 
 
 def compare_methods(

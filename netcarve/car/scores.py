@@ -25,7 +25,7 @@ from netcarve.car.engine import AblationEngine
 from netcarve.car.naive import single_removals
 from netcarve.car.stats import AblationError, AblationStats, ForwardCounts, Metric, resolve_metric
 from netcarve.core.graph import ModelGraph
-from netcarve.core.plotting import pyplot
+from netcarve.core.plotting import pyplot, save_figure
 from netcarve.data.preset import Preset
 
 __all__ = ["CARReport", "ClasswiseCAR", "LayerCAR", "car_scores", "classwise_car", "resolve_layers"]
@@ -374,11 +374,7 @@ class ClasswiseCAR:
                      fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="accuracy drop")
         fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+        return save_figure(fig, path, dpi=110)
 
 
 

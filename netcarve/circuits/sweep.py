@@ -17,7 +17,7 @@ from netcarve.circuits.circuit import CircuitError, count, keep_count, select_to
 from netcarve.circuits.extract import measure_preservation, score_kernels, target_responses
 from netcarve.core._csv import write_rows
 from netcarve.core.graph import ModelGraph
-from netcarve.core.plotting import pyplot
+from netcarve.core.plotting import pyplot, save_figure
 from netcarve.core.targets import Target
 
 COLUMNS = [
@@ -93,11 +93,7 @@ class SweepResult:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=120)
 
 
 def _r_or_zero(value: float | None) -> float:

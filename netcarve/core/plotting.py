@@ -6,11 +6,12 @@ needs a display, and a missing matplotlib is a message that says how to install 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from netcarve.core.errors import NetcarveError
 
-__all__ = ["PlottingError", "pyplot"]
+__all__ = ["PlottingError", "pyplot", "save_figure"]
 
 
 class PlottingError(NetcarveError):
@@ -44,3 +45,26 @@ def pyplot(error: type[NetcarveError] = PlottingError) -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110, **savefig: Any) -> Path:
+    """Write a matplotlib figure (parent folders created) and close it.
+
+    Args:
+        fig: the figure.
+        path: the file to write (its suffix picks the format).
+        dpi: resolution.
+        **savefig: further ``Figure.savefig`` arguments (``bbox_inches``, ``facecolor``, ...).
+
+    Returns:
+        the path written.
+
+    Example:
+        >>> plt = pyplot()
+        >>> save_figure(plt.figure(), "out/empty.png")  # doctest: +SKIP
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, **savefig)
+    pyplot().close(fig)
+    return out

@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 
 from netcarve.core.errors import NetcarveError
-from netcarve.core.plotting import pyplot
+from netcarve.core.plotting import pyplot, save_figure
 from netcarve.diagram.format import validate_diagram
 
 from .layout import Geometry, compute_geometry, legend_size, subtitle
@@ -302,8 +302,4 @@ def render_png(data: dict[str, Any], path: str | Path, *, geometry: Geometry | N
                                       linewidths=frame_ws, zorder=4))
     ax.set_xlim(0, geo.width)
     ax.set_ylim(geo.height, 0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100 * scale, facecolor="white")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100 * scale, facecolor="white")

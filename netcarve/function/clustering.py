@@ -33,7 +33,7 @@ from netcarve.function.descriptors import (
 if TYPE_CHECKING:  # pruning builds on clustering; only the type is needed here
     from netcarve.function.pruning import LayerPruning
 
-from netcarve.core.plotting import pyplot
+from netcarve.core.plotting import pyplot, save_figure
 
 __all__ = [
     "FilterClusters",
@@ -405,8 +405,4 @@ def plot_clusters(lp: LayerPruning, path: str | Path) -> Path:
                 a.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap=cmap, vmin=0, vmax=1)
                 a.set_title(f"{m}{'*' if bool(lp.keep[m]) else ''}", fontsize=6, pad=1)
                 a.axis("off")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from netcarve.core.graph import ModelGraph
-from netcarve.core.plotting import pyplot
+from netcarve.core.plotting import pyplot, save_figure
 from netcarve.data.preset import Preset
 from netcarve.function.descriptors import (
     FilterDescriptors,
@@ -150,11 +150,7 @@ class DefectionReport:
         fig.suptitle("Functionality defection: surviving filters' descriptors before vs after "
                      "fine-tuning", fontsize=10)
         fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+        return save_figure(fig, path, dpi=110)
 
 
 def _rowwise_cosine(a: torch.Tensor, b: torch.Tensor, center: bool) -> torch.Tensor:

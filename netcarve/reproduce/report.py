@@ -25,6 +25,7 @@ import torch
 
 from netcarve.core.errors import NetcarveError
 from netcarve.core.plotting import pyplot as _pyplot
+from netcarve.core.plotting import save_figure as _save_figure
 
 __all__ = [
     "Logger",
@@ -326,12 +327,8 @@ def pyplot() -> Any:
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     """Save and close a matplotlib figure."""
-    plt = pyplot()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return target
+    pyplot()  # the same error type as the other report helpers when matplotlib is missing
+    return _save_figure(fig, path, dpi=dpi, bbox_inches="tight")
 
 
 def stderr_logger(prefix: str) -> Logger:

@@ -16,7 +16,7 @@ from netcarve.data.preset import Preset
 if TYPE_CHECKING:
     from netcarve.circuits.circuit import Circuit
 
-from netcarve.core.plotting import pyplot
+from netcarve.core.plotting import pyplot, save_figure
 from netcarve.viz.examples import DatasetExamples, dataset_examples, to_display
 from netcarve.viz.render import FeatureVisualization, visualize
 from netcarve.viz.transforms import Transforms
@@ -87,11 +87,7 @@ def plot_grid(
     height = fig.get_size_inches()[1]
     fig.suptitle(title or f"{layer}: activation maximisation", fontsize=9)
     fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.35 / height))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_channel(
@@ -166,11 +162,7 @@ def plot_channel(
             ax.axis("off")
     del cols
     fig.suptitle(f"{target}: visualisation and top data-set examples", fontsize=9)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- diagrams

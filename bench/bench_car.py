@@ -1,6 +1,6 @@
 """CAR speed: the ablation engine vs the naive loop, and exact vs lazy vs racing greedy.
 
-Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|all] [--threads 1]
+Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|profile|all] [--threads 1]
          [--layers features.7,features.11,features.14] [--repeats 1]
          [--greedy-layers features.4,features.7] [--greedy-images 2000] [--greedy-removals 8]
 
@@ -15,6 +15,9 @@ Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|all] [--threads 1]
     --greedy-layers layer on the first --greedy-images train images (one engine per run):
     seconds, (removal, image) evaluations, racing's saved fraction and eliminations, and how
     often the lazy/racing choice differed from exact's at the same step.
+(3) profile (not in ``all``): the torch profiler over one engine evaluation of every single
+    removal of each --layers layer on --profile-images images: the share of the engine's CPU
+    time spent in each convolution, by input shape (what bounds the speed-up).
 Prints Markdown and writes bench/out/bench_car*.json.
 """
 
@@ -111,9 +114,29 @@ def greedy(layer: str, n_images: int, batch_size: int, removals: int) -> dict:
             "exact_image_evaluations": runs["exact"].exact_image_evaluations, **out}
 
 
+def profile(layer: str, n_images: int, batch_size: int) -> list[dict]:
+    lm = load_model("fmnist_vgg")
+    x, y = reference_data(lm.preset, "train", n_images)
+    engine = AblationEngine(lm.model, lm.preset.normalize(x), y, batch_size=batch_size,
+                            cache_mb=0)
+    cand = single_removals(lm.model.get_submodule(layer).out_channels)
+    engine.evaluate(layer, cand)  # warm up (plan, shortcut check)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        engine.evaluate(layer, cand)
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    kernels = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward")
+    convs = [e for e in events if e.key in kernels and e.self_cpu_time_total > 0]
+    return sorted(({"input_shapes": str(e.input_shapes[:2]), "calls": e.count,
+                    "share": e.self_cpu_time_total / total} for e in convs),
+                  key=lambda r: -r["share"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["speed", "greedy", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "greedy", "profile", "all"], default="all")
+    ap.add_argument("--profile-images", type=int, default=500)
     ap.add_argument("--layers", default="features.7,features.11,features.14")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--greedy-layers", default="features.4,features.7")
@@ -159,6 +182,16 @@ def main() -> None:
                       f"{r['eliminated']} | "
                       f"{'—' if diff is None else f'{len(diff)} of {args.greedy_removals}'} | "
                       f"{r['accuracy_after']:.4f} |")
+    if args.part == "profile":
+        result["profile"] = {}
+        for layer in [s for s in args.layers.split(",") if s]:
+            rows = profile(layer, args.profile_images, args.batch_size)
+            result["profile"][layer] = rows
+            print(f"## Engine CPU time by convolution: {layer} ({args.profile_images} images)")
+            print("| conv input, weight shapes | calls | share of engine CPU time |")
+            print("|---|---|---|")
+            for r in rows:
+                print(f"| {r['input_shapes']} | {r['calls']} | {r['share']:.1%} |")
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     name = "bench_car.json" if args.part == "all" else f"bench_car_{args.part}.json"

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "zoo": 2, "criteria": 2,
     "training": 3, "surgery": 3, "diagram": 3,
     "circuits": 4, "viz": 4, "car": 4,
-    "benchmarks": 5, "function": 5,
+    "atlas": 5, "benchmarks": 5, "function": 5,
     "reproduce": 6,
     "cli": 7,
 }

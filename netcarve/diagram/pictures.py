@@ -55,6 +55,7 @@ __all__ = [
     "display_images",
     "input_pictures",
     "kernel_pictures",
+    "png_bytes",
     "png_data_uri",
 ]
 
@@ -148,6 +149,26 @@ def png_data_uri(image: np.ndarray, min_size: int = 32) -> str:
         >>> png_data_uri(np.zeros((3, 3)))[:22]
         'data:image/png;base64,'
     """
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image, min_size)).decode("ascii")
+
+
+def png_bytes(image: np.ndarray, min_size: int = 32) -> bytes:
+    """Encode a picture as PNG file bytes, enlarged as :func:`png_data_uri` does.
+
+    Args:
+        image: float array in [0, 1], ``H×W`` or ``H×W×3`` (``H×W×1`` is treated as ``H×W``).
+        min_size: minimum longer side after enlargement.
+
+    Returns:
+        The PNG file's bytes.
+
+    Raises:
+        ValueError: the array is not 2-D or 3-D with 1 or 3 channels.
+
+    Example:
+        >>> png_bytes(np.zeros((3, 3)))[:4]
+        b'\\x89PNG'
+    """
     from PIL import Image
 
     arr = np.asarray(image)
@@ -163,7 +184,7 @@ def png_data_uri(image: np.ndarray, min_size: int = 32) -> str:
     Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB").save(
         buf, format="PNG", optimize=True
     )
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def display_images(images: torch.Tensor, preset: Preset | None = None) -> np.ndarray:

@@ -363,12 +363,14 @@ def demo(out: Path, quick: bool) -> None:
 def _register_commands() -> None:
     # Commands that live beside their feature modules; registered here so `netcarve --help`
     # lists them all.
+    from netcarve.cli.atlas import COMMANDS as atlas_commands
     from netcarve.cli.car import car as car_command
     from netcarve.cli.diagram import diagram as diagram_command
     from netcarve.cli.featureviz import COMMANDS as featureviz_commands
     from netcarve.cli.reproduce import COMMANDS as reproduce_commands
 
-    for command in (car_command, diagram_command, *featureviz_commands, *reproduce_commands):
+    for command in (car_command, diagram_command, *featureviz_commands, *reproduce_commands,
+                    *atlas_commands):
         cli.add_command(command)
 
 

@@ -43,9 +43,28 @@ from netcarve.zoo import ZOO, Preset, load_model
 
 _install_old_paths()  # netcarve.ablation, netcarve.circuit, ... work for one more release
 
+# The atlas needs its extra (Ray, pyarrow, DuckDB): imported on first use, so that
+# `import netcarve` works without them.
+_LAZY = {"AtlasConfig": "netcarve.atlas", "atlas_query": "netcarve.atlas",
+         "run_atlas": "netcarve.atlas"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'netcarve' has no attribute {name!r}")
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ImportError(f"netcarve.{name} needs the atlas extra ({exc.name} is missing): "
+                          "pip install 'netcarve[atlas]'") from exc
+
 __all__ = [
     "CRITERIA",
     "ZOO",
+    "AtlasConfig",
     "Circuit",
     "ImageFolderDataset",
     "ImageStream",
@@ -61,6 +80,7 @@ __all__ = [
     "apply_filter_masks",
     "apply_kernel_masks",
     "as_stream",
+    "atlas_query",
     "capture",
     "car_compress",
     "car_scores",
@@ -86,6 +106,7 @@ __all__ = [
     "prune_filters",
     "receptive_field",
     "reference_data",
+    "run_atlas",
     "select_top_k",
     "subcircuits",
     "sweep",

@@ -81,7 +81,8 @@ def select_units(channels: int, units: str | int | Sequence[int], seed: int = 0)
     Args:
         channels: the layer's output channels.
         units: ``"all"``; a count ``N`` (an int or ``"16"``: N units drawn at random, seeded,
-            returned sorted); or a list of channels (``[0, 5]`` or ``"0,5"``).
+            returned sorted); or a list of channels (``[0, 5]``, ``"0,5"``, or ``"5,"`` for
+            channel 5 alone).
         seed: seeds the draw.
 
     Returns:
@@ -108,7 +109,8 @@ def select_units(channels: int, units: str | int | Sequence[int], seed: int = 0)
     if isinstance(units, int):
         if not 1 <= units <= channels:
             raise AtlasError(f"--units {units}: a layer with {channels} channels has 1.."
-                             f"{channels} units to draw")
+                             f"{channels} units to draw (for the single channel {units}, "
+                             f"write '{units},')")
         return sorted(random.Random(seed).sample(range(channels), units))
     chosen = sorted({int(u) for u in units})
     bad = [u for u in chosen if not 0 <= u < channels]

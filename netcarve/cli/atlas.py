@@ -30,7 +30,8 @@ def _names(value: str, option: str) -> tuple[str, ...]:
 @click.argument("model")
 @click.option("--layers", required=True, help="Comma-separated conv layers to map.")
 @click.option("--units", default="all", show_default=True,
-              help="'all', a count per layer (drawn with --seed) or channels '0,5,9'.")
+              help="'all', a count per layer (drawn with --seed) or channels '0,5,9' ('5,' for "
+                   "channel 5 alone).")
 @click.option("--goal", type=click.FloatRange(-1, 1, min_open=True), default=0.9,
               show_default=True, help="Preservation each unit's circuit must reach (Pearson r).")
 @click.option("--search-on", type=click.Choice(["heldout", "scoring"]), default="heldout",

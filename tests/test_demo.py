@@ -16,16 +16,29 @@ def test_quick_demo_writes_every_section_and_linked_file(tmp_path: Path):
     messages: list[str] = []
     index = run_demo(tmp_path / "demo", progress=False, log=messages.append, quick=True)
     assert index == tmp_path / "demo" / "index.html"
-    assert [m[:5] for m in messages[:6]] == [f"[{i}/6]" for i in range(1, 7)]
+    assert [m[:5] for m in messages[:7]] == [f"[{i}/7]" for i in range(1, 8)]
     page = index.read_text()
     for heading in ("Model zoo", "Circuit of fmnist_vgg unit features.11:5",
                     "Sub-feature circuits", "Criteria sweep",
-                    "Class-wise CAR of fmnist_vgg features.7", "Time per step"):
+                    "Class-wise CAR of fmnist_vgg features.7",
+                    "Atlas of fmnist_vgg features.11 (4 units)", "Time per step"):
         assert f"<h2>{heading}" in page, heading
     targets = re.findall(r'(?:href|src)="([^"#]+)"', page)
     assert len(targets) >= 15
     for target in targets:
         assert (index.parent / target).is_file(), target
+
+    # the headline circuit's keep was chosen by keep search and reaches its goal
+    circuit = json.loads((index.parent / "circuit" / "summary.json").read_text())
+    search = circuit["keep_search"]
+    assert search["reached"] and search["goal"] == 0.8 and search["search_on"] == "scoring"
+    assert circuit["keep"] == pytest.approx(search["keep"])
+    assert circuit["preservation_scoring"]["pearson"] >= 0.8
+    assert "keep chosen by keep search" in page
+
+    # the atlas section links a browsable atlas of the units it lists
+    assert (index.parent / "atlas" / "index.html").is_file()
+    assert len(list((index.parent / "atlas" / "store" / "units").glob("*/*.parquet"))) == 4
 
     # the diagram's nodes carry feature visualisations; first-layer nodes their kernels
     diagram = json.loads((index.parent / "circuit" / "diagram.json").read_text())

@@ -1,11 +1,12 @@
 """The main job on the embedded default (what ``make demo`` runs).
 
 Evaluates every bundled model on its real test data; extracts the circuit of one
-``fmnist_vgg`` unit, cuts it out as a smaller module and draws its diagram with a feature
-visualisation on every node; splits that unit into sub-feature circuits (next to random
+``fmnist_vgg`` unit at the smallest keep that preserves its feature (keep search, r >= 0.8),
+cuts it out as a smaller module and draws its diagram with a feature visualisation on every
+node; splits that unit into sub-feature circuits (next to random
 groups of the same sizes as the control); sweeps the criteria
-over a few units; scores one layer's filters with class-wise CAR; and writes ``index.html``
-linking every figure, table and diagram.
+over a few units; scores one layer's filters with class-wise CAR; maps 16 units of one layer
+into a small atlas on Ray; and writes ``index.html`` linking every figure, table and diagram.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from netcarve.car.scores import car_scores
-from netcarve.circuits.extract import extract
+from netcarve.circuits.keep_search import find_keep
 from netcarve.circuits.subcircuits import subcircuits
 from netcarve.circuits.sweep import sweep
 from netcarve.core.graph import ModelGraph
@@ -37,6 +38,10 @@ SUBCIRCUIT_IMAGES = 200
 CAR_LAYER = "features.7"
 CAR_IMAGES = 1000
 FEATUREVIZ_STEPS = 64
+DEMO_GOAL = 0.8
+ATLAS_LAYER = "features.11"
+ATLAS_UNITS = 16
+ATLAS_WORKERS = 2
 
 
 class _Page:
@@ -129,7 +134,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     car_images = 300 if quick else CAR_IMAGES
     viz_steps = 8 if quick else FEATUREVIZ_STEPS
 
-    step("[1/6] evaluating the bundled models on their "
+    step("[1/7] evaluating the bundled models on their "
         + ("first 1,000 test images" if quick else "full test sets"))
     _, zoo_results = zoo_report(out / "zoo", progress=progress, limit=1000 if quick else None)
     page.h2("Model zoo")
@@ -140,12 +145,14 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     page.links([(f"{r.name} sample predictions", f"zoo/{r.figure}") for r in zoo_results]
                + [("zoo report (Markdown)", "zoo/zoo.md")])
 
-    step(f"[2/6] extracting the circuit of {DEMO_MODEL} {DEMO_TARGET}")
+    step(f"[2/7] extracting the circuit of {DEMO_MODEL} {DEMO_TARGET} (keep search)")
     lm = load_model(DEMO_MODEL)
     scoring, heldout = analysis_data(lm.preset, n_analysis, n_analysis, seed=0)
     graph = ModelGraph.build(lm.model, scoring[:1])
-    circuit = extract(lm.model, DEMO_TARGET, scoring, heldout=heldout, criterion="actgrad",
-                      keep=0.1, seed=0, graph=graph)
+    # The keep is chosen on the scoring images, so the held-out r below is an unbiased report.
+    search = find_keep(lm.model, DEMO_TARGET, scoring, heldout=heldout, goal=DEMO_GOAL,
+                       criterion="actgrad", search_on="scoring", seed=0, graph=graph)
+    circuit = search.circuit
     circuit.metadata["model"] = DEMO_MODEL
     cdir = out / "circuit"
     cdir.mkdir(exist_ok=True)
@@ -160,7 +167,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
                "module": {**size, "max_abs_difference_vs_masked_model": diff}}
     (cdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
-    step("[3/6] drawing the circuit diagram with a feature visualisation on every node")
+    step("[3/7] drawing the circuit diagram with a feature visualisation on every node")
     from netcarve.diagram import write_diagram
     from netcarve.diagram.pictures import compose, default_pictures, kernel_pictures
     from netcarve.viz.pictures import featureviz_pictures
@@ -177,8 +184,12 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     pres = circuit.preservation
     page.h2(f"Circuit of {DEMO_MODEL} unit {circuit.target}")
     page.bullets([
-        f"criterion actgrad, keep 0.1 of {circuit.relevant_kernels:,} relevant kernels: "
-        f"{circuit.kept_kernels:,} kept after the effective-mask clean-up "
+        f"keep chosen by keep search: the smallest actgrad circuit whose r on the scoring "
+        f"images reaches {DEMO_GOAL:g} ({'reached' if search.reached else 'NOT reached'} at "
+        f"keep {search.keep:.3f} after {search.evaluations} sampled keeps, "
+        f"{search.seconds:.1f} s); the held-out images below played no part in the choice",
+        f"criterion actgrad, keep {search.keep:.3f} of {circuit.relevant_kernels:,} relevant "
+        f"kernels: {circuit.kept_kernels:,} kept after the effective-mask clean-up "
         f"(effective keep {circuit.effective_keep:.3f})",
         f"preservation on {len(heldout):,} held-out test images: Pearson r = {pres.pearson:.3f}, "
         f"median per-image r = {pres.per_image_median:.3f}, normalised MAD = {pres.nmad:.3f}",
@@ -203,17 +214,24 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     page.table(["layer", "relevant kernels", "kept"],
                [[r["layer"], f"{r['relevant']:,}", f"{r['kept']:,}"]
                 for r in circuit.per_layer()])
+    page.p("The keep search's sampled points (r on the scoring images; the control is the "
+           "same search's smaller keeps, which miss the goal):")
+    page.table(["keep", "kernels kept", "scoring r", "goal reached"],
+               [[f"{p['keep']:.4f}", f"{p['kept_kernels']:,}", _fmt(p["pearson"]),
+                 "yes" if p["reached"] else "no"] for p in search.curve])
 
-    step("[4/6] sub-feature circuits, with random groups as the control")
+    step("[4/7] sub-feature circuits, with random groups as the control")
     sub_x = scoring[:sub_images]
     rep = subcircuits(lm.model, circuit.target, sub_x, n_groups=2, general=circuit,
-                      criterion="actgrad", keep=0.1, sub_keep=0.5, seed=0, graph=graph)
+                      criterion="actgrad", keep=search.keep, sub_keep=0.5, seed=0,
+                      graph=graph)
     # Control: the same images in random groups of the same sizes. Sub-circuits that hold
     # for their own group beat the other group by more than random groups do.
     perm = torch.randperm(len(rep.groups), generator=torch.Generator().manual_seed(1))
     shuffled = [rep.groups[i] for i in perm.tolist()]
     control = subcircuits(lm.model, circuit.target, sub_x, groups=shuffled, general=circuit,
-                          criterion="actgrad", keep=0.1, sub_keep=0.5, seed=0, graph=graph)
+                          criterion="actgrad", keep=search.keep, sub_keep=0.5, seed=0,
+                          graph=graph)
     sdir = out / "subcircuits"
     sdir.mkdir(exist_ok=True)
     for i, sc in enumerate(rep.subcircuits):
@@ -247,7 +265,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
         f" (mean {sum(ious) / len(ious):.2f}).")
     page.links([("summary.json", "subcircuits/summary.json")])
 
-    step("[5/6] sweeping the criteria over a few units")
+    step("[5/7] sweeping the criteria over a few units")
     res = sweep(lm.model, sweep_units, scoring[:sweep_images], heldout[:sweep_images],
                 graph=graph, progress=progress)
     wdir = out / "sweep"
@@ -264,8 +282,14 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     page.image("sweep/sweep.png", "preservation vs keep", width=700)
     page.links([("sweep.csv", "sweep/sweep.csv")])
 
-    step(f"[6/6] class-wise CAR of {DEMO_MODEL} {CAR_LAYER}")
+    step(f"[6/7] class-wise CAR of {DEMO_MODEL} {CAR_LAYER}")
     _car_section(page, lm, graph, out / "car", car_images)
+
+    units = 4 if quick else ATLAS_UNITS
+    workers = 0 if quick else ATLAS_WORKERS
+    step(f"[7/7] a small atlas: {units} units of {DEMO_MODEL} {ATLAS_LAYER}"
+         + (f" on {workers} Ray workers" if workers else " (quick: in this process)"))
+    _atlas_section(page, lm, out / "atlas", units, workers, quick)
 
     step("done")
     page.h2("Time per step")
@@ -284,6 +308,47 @@ def _own_advantage(report: Any) -> float | None:
              for i in range(n) for j in range(n) if j != i]
     finite = [d for d in diffs if d is not None and d == d]
     return sum(finite) / len(finite) if len(finite) == len(diffs) and diffs else None
+
+
+def _atlas_section(page: _Page, lm: Any, out: Path, units: int, workers: int,
+                   quick: bool) -> None:
+    try:
+        from netcarve.atlas import AtlasConfig, AtlasStore, run_atlas
+    except ImportError:
+        page.h2("Atlas")
+        page.p("Skipped: the atlas needs its extra (pip install 'netcarve[atlas]').")
+        return
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a demo atlas is always made afresh
+    n = 60 if quick else 150
+    scoring, heldout = analysis_data(lm.preset, n, n, seed=1)
+    x, y = reference_data(lm.preset, "test", 200 if quick else 500)
+    config = AtlasConfig(goal=0.9, compare=("snip", "random"), featureviz_steps=8 if quick
+                         else 32, examples=4)
+    run = run_atlas(lm.model, ATLAS_LAYER, out, scoring, heldout, units=units, config=config,
+                    car_images=x, car_labels=y, preset=lm.preset, model_name=DEMO_MODEL,
+                    workers=workers, task_units=2, progress=False)
+    rows = AtlasStore(out).rows()
+    classes = AtlasStore(out).classes()
+    page.h2(f"Atlas of {DEMO_MODEL} {ATLAS_LAYER} ({len(rows)} units)")
+    page.p(f"Each unit's smallest actgrad circuit with held-out r >= {config.goal:g} "
+           f"({n} scoring and {n} held-out images), mapped in {run.seconds:.1f} s "
+           f"({run.units_per_minute:.1f} units/minute, "
+           f"{f'{workers} Ray workers' if workers else 'in this process'}). The control in "
+           "every row: a random circuit of the same size.")
+    table = []
+    for r in sorted(rows, key=lambda r: r["effective_keep"]):
+        rand = [c for c in r["comparison"]
+                if c["criterion"] == "random" and abs(c["keep"] - r["keep"]) < 1e-12]
+        cls = classes.get((r["layer"], r["unit"]))
+        table.append([f"{r['layer']}:{r['unit']}", f"{r['effective_keep']:.3f}",
+                      _fmt(r["pearson"]), _fmt(rand[0]["pearson"] if rand else None),
+                      "—" if cls is None else ", ".join(cls["most_important"][:2])])
+    page.table(["unit", "effective keep", "held-out r", "random circuit, same keep",
+                "most important classes"], table)
+    page.links([("browse the atlas (sortable, filterable, one page per unit)",
+                 "atlas/index.html")])
 
 
 def _car_section(page: _Page, lm: Any, graph: ModelGraph, out: Path, n_images: int) -> None:

@@ -142,8 +142,12 @@ def test_sweep_and_subcircuits_commands(tmp_path):
     assert summary["units"] == 2 and set(summary["median_preservation"]) == {
         "actgrad", "magnitude"}
     proc = run("subcircuits", "fmnist_vgg", "features.11:5", "--images", "60",
-               "--out", str(tmp_path / "g"))
+               "--random-splits", "3", "--bootstrap", "50", "--out", str(tmp_path / "g"))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert len(summary["subcircuits"]) == 2
+    test = summary["heldout_test"]
+    assert test["grouping"] == "scores" and len(test["random"]) == 3
+    assert sum(int(n) for n in test["groups_heldout"].split("/")) == 60
+    assert "held-out test (scores grouping" in proc.stdout
     assert (tmp_path / "g" / "subcircuit_1.safetensors").exists()

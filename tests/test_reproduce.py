@@ -194,6 +194,16 @@ def test_subfeatures_quick_picks_a_unit_and_reports_subcircuits(subfeatures_run)
         assert 0 <= float(r["iou"]) <= 1
     head = summary["headline"]
     assert head["unit"] == summary["chosen"] and "k-means" in head and "random" in head
+    # the held-out double difference of every scanned unit, both groupings, with its control
+    dd = _rows(out / "double_difference.csv")
+    assert {(r["unit"], r["grouping"]) for r in dd} == {
+        (r["unit"], g) for r in scan for g in ("scores", "responses")}
+    for r in dd:
+        if r["double_difference"] not in ("nan", ""):
+            assert float(r["ci_low"]) <= float(r["double_difference"]) <= float(r["ci_high"])
+            assert 0 < float(r["p_value"]) <= 1
+    assert head["double_difference"]["better_grouping"] in ("scores", "responses")
+    assert "Do the sub-features hold on held-out images?" in text
 
 
 @pytest.fixture(scope="module")

@@ -314,15 +314,28 @@ def sweep(model: str, layers: str | None, units_per_layer: int, unit_list: str |
               show_default=True, help="Keep fraction of the general circuit.")
 @click.option("--sub-keep", type=click.FloatRange(0, 1, min_open=True), default=0.5,
               show_default=True, help="Keep fraction of each sub-circuit, of the general one.")
+@click.option("--grouping", type=click.Choice(["scores", "responses"]), default="scores",
+              show_default=True, help="What the held-out test groups images by: per-image "
+                                      "kernel scores or the unit's response map.")
+@click.option("--random-splits", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Random splits of the same sizes, the held-out test's control (0: no test).")
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True)
 @_model_options
 @fail_cleanly
 def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: float,
-                sub_keep: float, weights: Path | None, preset: str | None,
+                sub_keep: float, grouping: str, random_splits: int, bootstrap: int,
+                weights: Path | None, preset: str | None,
                 images_dir: Path | None, n_images: int, n_heldout: int | None,
                 batch_size: int, device: str, seed: int, out: Path, as_json: bool) -> None:
-    """Split TARGET's images into groups and extract one sub-circuit per group."""
+    """Split TARGET's images into groups and extract one sub-circuit per group.
+
+    Then tests the split on the held-out images: the grouping fitted on the scoring images
+    assigns them, and the double difference (own-group minus other-group r of the
+    sub-circuits) is compared with --random-splits random groups of the same sizes.
+    """
     from netcarve.circuits.extract import extract as run_extract
     from netcarve.circuits.subcircuits import subcircuits as run_subcircuits
+    from netcarve.circuits.subfeature_stats import subfeature_statistic
 
     lm, scoring, heldout = _load_for_analysis(model, weights, preset, images_dir, n_images,
                                               n_heldout, device, seed)
@@ -343,6 +356,18 @@ def subcircuits(model: str, target: str, n_groups: int, criterion: str, keep: fl
         lines.append(f"  group {s['group']} ({s['images']} images): {s['kept_kernels']:,} "
                      f"kernels ({s['keep_vs_general']:.0%} of general), own-group r = "
                      f"{s['own_group']['pearson']}, other groups r = {other}")
+    if random_splits:
+        st = subfeature_statistic(lm.model, general.target, scoring, heldout, general,
+                                  grouping=grouping, n_groups=n_groups, sub_keep=sub_keep,
+                                  criterion=criterion, bootstrap=bootstrap,
+                                  random_splits=random_splits, seed=seed)
+        summary["heldout_test"] = {**st.row(), "r": st.r, "random": st.random}
+        lo, hi = st.random_interval
+        lines.append(f"held-out test ({grouping} grouping fitted on the scoring images, "
+                     f"held-out groups {st.groups_heldout}): double difference "
+                     f"{st.double_difference:+.3f} [95% CI {st.ci[0]:+.3f}, {st.ci[1]:+.3f}]; "
+                     f"{random_splits} random splits {st.random_mean:+.3f} "
+                     f"[{lo:+.3f}, {hi:+.3f}]; p = {st.p_value:.3f}")
     _write_summary(out, summary, as_json, "\n".join(lines))
 
 

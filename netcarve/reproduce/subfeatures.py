@@ -67,6 +67,8 @@ class SubfeatureSettings:
         min_group_share: the smaller group must hold at least this share of the images.
         detail_units: how many of the best-separated units get sub-circuits.
         batch_size: images per scoring batch.
+        random_splits: random splits of the held-out double-difference control.
+        bootstrap: bootstrap resamples of its interval.
     """
 
     model: str = "fmnist_vgg"
@@ -83,12 +85,15 @@ class SubfeatureSettings:
     min_group_share: float = 0.25
     detail_units: int = 3
     batch_size: int = 64
+    random_splits: int = 20
+    bootstrap: int = 1000
 
     @classmethod
     def quick(cls) -> SubfeatureSettings:
         """Smoke-test settings: 2 candidates, few images, one detailed unit."""
         return cls(layers=("features.14",), units_per_layer=2, pool_images=300, top_images=40,
-                   heldout_pool=200, heldout_images=30, detail_units=1)
+                   heldout_pool=200, heldout_images=30, detail_units=1, random_splits=4,
+                   bootstrap=100)
 
     def check(self) -> None:
         """Raise :class:`ReproduceError` for settings that cannot run."""
@@ -451,6 +456,11 @@ def run_subfeatures(
     write_rows(out / "subcircuits.csv", sub_rows)
     write_rows(out / "iou.csv", iou_rows)
     headline = _write_report(rep, settings, ranked, detail, sub_rows, iou_rows, reports)
+    from netcarve.reproduce.subfeature_dd import double_difference_section
+
+    with run_context(seed, threads):
+        headline["double_difference"] = double_difference_section(
+            rep, lm, graph, ranked, pool_x, held_x, settings, seed, out, log)
     summary = {"settings": asdict(settings), "chosen": chosen.target, "scan": scan,
                "headline": headline}
     path = rep.write(out, summary)

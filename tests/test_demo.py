@@ -58,6 +58,9 @@ def test_quick_demo_writes_every_section_and_linked_file(tmp_path: Path):
                  for s in part["subcircuits"]]
         assert sub["own_group_advantage"][key] == pytest.approx(sum(diffs) / 2, abs=1e-9)
     assert "random (control) group 0" in page
+    test = sub["heldout_test"]
+    assert len(test["random"]) == 4 and test["ci_low"] <= test["double_difference"]
+    assert "Held-out test: the k-means grouping" in page
 
     car = json.loads((index.parent / "car" / "summary.json").read_text())
     rows = car["classwise"]["filters"]

@@ -23,6 +23,7 @@ import torch
 from netcarve.car.scores import car_scores
 from netcarve.circuits.keep_search import find_keep
 from netcarve.circuits.subcircuits import subcircuits
+from netcarve.circuits.subfeature_stats import subfeature_statistic
 from netcarve.circuits.sweep import sweep
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import forward_until
@@ -263,6 +264,20 @@ def run_demo(out_dir: str | Path = "out/demo", *, progress: bool = True,
     page.p("Per-layer IoU between the two k-means sub-circuits: " + ", ".join(
         f"{layer} {mat[0][1]:.2f}" for layer, mat in rep.iou.items()) +
         f" (mean {sum(ious) / len(ious):.2f}).")
+    # The stricter test: grouping fitted on scoring images assigns held-out images; the
+    # double difference of the sub-circuits there, against random splits of the same sizes.
+    st = subfeature_statistic(lm.model, circuit.target, sub_x, heldout[:sub_images], circuit,
+                              sub_keep=0.5, bootstrap=200 if quick else 1000,
+                              random_splits=4 if quick else 20, seed=0, graph=graph)
+    lo, hi = st.random_interval
+    sub_summary["heldout_test"] = {**st.row(), "r": st.r, "random": st.random}
+    (sdir / "summary.json").write_text(json.dumps(sub_summary, indent=2, default=str))
+    page.p(f"Held-out test: the k-means grouping fitted on these images assigns "
+           f"{sub_images} held-out images (groups {st.groups_heldout}); double difference of "
+           f"the two sub-circuits there {st.double_difference:+.3f} (95% bootstrap CI "
+           f"{st.ci[0]:+.3f} to {st.ci[1]:+.3f}) against {len(st.random)} random splits of "
+           f"the same sizes: mean {st.random_mean:+.3f}, 95% range {lo:+.3f} to {hi:+.3f}; "
+           f"p = {st.p_value:.3f}.")
     page.links([("summary.json", "subcircuits/summary.json")])
 
     step("[5/7] sweeping the criteria over a few units")

@@ -73,13 +73,13 @@ def atlas(model: str, layers: str, units: str, goal: float, search_on: str, crit
     resumes: units already stored are skipped.
     """
     from netcarve.atlas import AtlasConfig, run_atlas
+    from netcarve.cli.common import load_cli_model
     from netcarve.training.evaluation import analysis_data, reference_data
-    from netcarve.zoo import load_model
 
     config = AtlasConfig(goal=goal, search_on=search_on, criterion=criterion,
                          compare=_names(compare, "--compare"),
                          featureviz_steps=featureviz_steps, batch_size=batch_size, seed=seed)
-    lm = load_model(model, weights, preset=preset, device=device)
+    lm = load_cli_model(model, weights, preset, device)
     folder = None if images_dir is None else str(images_dir)
     scoring, heldout = analysis_data(lm.preset, n_images, n_heldout, images_dir=folder,
                                      seed=seed)

@@ -143,12 +143,12 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     from netcarve.car.greedy import greedy_prune, planned_removals
     from netcarve.car.scores import car_scores, resolve_layers
     from netcarve.car.stats import AblationError
+    from netcarve.cli.common import load_cli_model
     from netcarve.core.errors import DataError
     from netcarve.core.graph import ModelGraph
     from netcarve.surgery.prune import prunable_layers, prune_filters
     from netcarve.surgery.pruned import CompressError
     from netcarve.training.evaluation import evaluate
-    from netcarve.zoo import load_model
 
     start = time.perf_counter()
     amount = _parse_amount(prune_amount)
@@ -156,7 +156,7 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
         raise AblationError("give --prune N|RATIO or --floor ACCURACY")
     if isinstance(amount, float) and not 0 < amount < 1:
         raise AblationError(f"--prune ratio must lie in (0, 1), got {amount:g}")
-    lm = load_model(model, weights, preset=preset, device=device)
+    lm = load_cli_model(model, weights, preset, device)
     xs, ys, xe, ye, data_note = _load_data(lm, images_dir, n_images, n_eval, seed)
     if len(xs) == 0:
         raise DataError("the scoring data set is empty (--images 0 or an empty folder)")

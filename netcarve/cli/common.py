@@ -16,8 +16,10 @@ import click
 from netcarve.cli.errors import EXIT_USAGE, fail_cleanly
 from netcarve.cli.run_folder import run_folder
 
-__all__ = ["device_option", "emit", "fail_cleanly", "in_run_folder", "run_options",
-           "source_options", "workers_option"]
+__all__ = ["device_option", "emit", "fail_cleanly", "in_run_folder", "load_cli_model",
+           "run_options", "source_options", "workers_option"]
+
+_CLASS_NAMES = "netcarve.class_names"
 
 
 def emit(data: Any, as_json: bool, text: str) -> None:
@@ -31,13 +33,34 @@ def _stack(fn: Callable[..., Any], options: list[Callable[..., Any]]) -> Callabl
     return fn
 
 
+def _remember_class_names(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    ctx.meta[_CLASS_NAMES] = value
+
+
+def load_cli_model(model: str, weights: Path | None, preset: str | None, device: str) -> Any:
+    """:func:`netcarve.zoo.load_model` with the command's ``--class-names`` applied."""
+    from netcarve.zoo import load_model
+
+    ctx = click.get_current_context(silent=True)
+    names = None if ctx is None else ctx.meta.get(_CLASS_NAMES)
+    return load_model(model, weights, preset=preset, device=device, class_names=names)
+
+
 def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--weights --preset --images-dir`` (where the model and images come from)."""
+    """``--weights --preset --class-names --images-dir`` (where the model and images come
+    from); commands load the model with :func:`load_cli_model`."""
     return _stack(fn, [
         click.option("--weights", type=click.Path(path_type=Path), default=None,
                      help="Weight file (safetensors or a torch.save'd state dict)."),
         click.option("--preset", default=None,
-                     help="Input preset (a zoo name) for a package.module:factory model."),
+                     help="Input preset: 'imagenet' (224 crop of a 256 resize; the default "
+                          "for torchvision.models:NAME and timm:NAME) or a zoo name, for a "
+                          "package.module:factory model."),
+        click.option("--class-names", type=click.Path(exists=True, path_type=Path),
+                     default=None, expose_value=False, callback=_remember_class_names,
+                     is_eager=True,
+                     help="The outputs' names: a text file (one per line) or a folder (its "
+                          "sorted sub-folders, e.g. an ImageNet train folder)."),
         click.option("--images-dir", type=click.Path(path_type=Path), default=None,
                      help="Your own images (one sub-folder per class) instead of built-in data."),
     ])

@@ -87,13 +87,13 @@ def _draw_circuit(circuit_path: Path, out: Path, formats: list[str], model_spec:
                   n_images: int, top_k: int, no_pictures: bool, pruned_edges: bool,
                   title: str | None, device: str, seed: int) -> tuple[dict, dict[str, Path]]:
     from netcarve.circuits.circuit import Circuit, model_fingerprint
+    from netcarve.cli.common import load_cli_model
     from netcarve.diagram import circuit_to_json, render_diagram
     from netcarve.training.evaluation import analysis_data
-    from netcarve.zoo import load_model
 
     circuit = Circuit.load(circuit_path)
     spec = _model_to_load(circuit_path, circuit.metadata.get("model"), model_spec)
-    lm = load_model(spec, weights, preset=preset, device=device)
+    lm = load_cli_model(spec, weights, preset, device)
     recorded = circuit.metadata.get("model_fingerprint")
     if recorded and recorded != model_fingerprint(lm.model):
         click.echo(f"warning: {lm.name}'s weights differ from those the circuit was extracted "

@@ -140,6 +140,7 @@ def visualize(model: str, layer: str, channels: str | None, neuron: bool, steps:
     import torch
     from safetensors.torch import save_file
 
+    from netcarve.cli.common import load_cli_model
     from netcarve.core.errors import NetcarveError
     from netcarve.core.targets import Target
     from netcarve.training.evaluation import analysis_data
@@ -149,10 +150,9 @@ def visualize(model: str, layer: str, channels: str | None, neuron: bool, steps:
     from netcarve.viz.render import build_graph, resolve_targets
     from netcarve.viz.render import visualize as run_visualize
     from netcarve.viz.transforms import Transforms
-    from netcarve.zoo import load_model
 
     start = time.perf_counter()
-    lm = load_model(model, weights, preset=preset, device=device)
+    lm = load_cli_model(model, weights, preset, device)
     shape = (lm.preset.channels, lm.preset.size, lm.preset.size)
     graph = build_graph(lm.model, shape)
     circuit = None
@@ -312,11 +312,11 @@ def fop(model: str, layers: str, descriptors: str, similarity: str, method: str,
     same number of filters: multiply-adds and parameters removed, accuracy before and after
     fine-tuning. Writes summary.json, comparison.csv, clusters.json/.csv, clusters_LAYER.png
     and the smaller model (functional_model/)."""
+    from netcarve.cli.common import load_cli_model
     from netcarve.function.pruning import compare_pruning
-    from netcarve.zoo import load_model
 
     start = time.perf_counter()
-    lm = load_model(model, weights, preset=preset, device=device)
+    lm = load_cli_model(model, weights, preset, device)
     data = _labelled(lm.preset, images_dir, seed, n_images, n_eval)
     result, masks = _run_fop(lm, data, layers, descriptors, similarity, method, threshold, k,
                              keep_rule, am_steps, batch_size, seed)
@@ -369,15 +369,15 @@ def defection(model: str, layers: str, descriptors: str, similarity: str, method
     filter counts), fine-tune each with every learning rate × epoch count, and measure how far
     every surviving filter's descriptors drift (cosine before vs after). Writes
     defection.csv, defection.png and summary.json."""
+    from netcarve.cli.common import load_cli_model
     from netcarve.function.defection import defection as run_defection
-    from netcarve.zoo import load_model
 
     start = time.perf_counter()
     rates = _floats(lrs, "--lrs")
     epochs = [int(e) for e in _floats(epoch_list, "--epochs")]
     if any(e < 1 for e in epochs) or any(r <= 0 for r in rates):
         raise click.BadParameter("learning rates must be > 0 and epochs >= 1")
-    lm = load_model(model, weights, preset=preset, device=device)
+    lm = load_cli_model(model, weights, preset, device)
     data = _labelled(lm.preset, images_dir, seed, n_images, n_eval)
     result, masks = _run_fop(lm, data, layers, descriptors, similarity, method, threshold, k,
                              keep_rule, am_steps, batch_size, seed)

@@ -102,13 +102,13 @@ def evaluate(model: str, weights: Path | None, preset: str | None, images_dir: P
              split: str, limit: int | None, batch_size: int, device: str, workers: int,
              as_json: bool) -> None:
     """Measure top-1 accuracy of MODEL (zoo name or package.module:factory)."""
+    from netcarve.cli.common import load_cli_model
     from netcarve.core.errors import DataError
     from netcarve.data import ImageFolderDataset, image_folder_loader
     from netcarve.training.evaluation import evaluate as run_evaluate
     from netcarve.training.evaluation import reference_data
-    from netcarve.zoo import load_model
 
-    lm = load_model(model, weights, preset=preset, device=device)
+    lm = load_cli_model(model, weights, preset, device)
     y = None
     if images_dir is not None:
         folder = ImageFolderDataset(images_dir, lm.preset)
@@ -153,10 +153,10 @@ def _load_for_analysis(model: str, weights: Path | None, preset: str | None,
     ``--images-dir`` folder is streamed (DataLoaders) instead of loaded whole."""
     import torch
 
+    from netcarve.cli.common import load_cli_model
     from netcarve.training.evaluation import analysis_data, analysis_streams
-    from netcarve.zoo import load_model
 
-    lm = load_model(model, weights, preset=preset, device=device)
+    lm = load_cli_model(model, weights, preset, device)
     folder = None if images_dir is None else str(images_dir)
     if workers is not None:
         scoring, heldout = analysis_streams(lm.preset, n_images, n_heldout or n_images,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+
+from netcarve.core.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,9 @@ class Preset:
         std: per-channel standard deviation divided by after subtracting ``mean``.
         class_names: one name per output logit.
         dataset: name of the data set the model was trained on (informational).
+        resize: when set, image files are resized so that their shorter side is ``resize``
+            and then centre-cropped to ``size`` (ImageNet-style: 224 of 256); otherwise they
+            are stretched to ``size × size``.
 
     Example:
         >>> p = Preset(28, 1, (0.286,), (0.353,), ("a", "b"))
@@ -31,6 +40,7 @@ class Preset:
     std: tuple[float, ...]
     class_names: tuple[str, ...] = field(default_factory=tuple)
     dataset: str = ""
+    resize: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -64,3 +74,50 @@ class Preset:
     def to_dict(self) -> dict:
         """JSON-friendly description of the preset."""
         return asdict(self)
+
+    def with_class_names(self, source: str | Path | Sequence[str]) -> Preset:
+        """This preset with class names from a list, a text file (one name per line, or a
+        JSON list) or a folder (its sorted sub-folder names, as an image folder labels them).
+
+        Raises:
+            DataError: the source is missing or empty, or holds another number of names than
+                the preset's classes.
+
+        Example:
+            >>> Preset(8, 1, (0.5,), (0.5,), ("a", "b")).with_class_names(["x", "y"]).class_names
+            ('x', 'y')
+        """
+        names = _read_class_names(source)
+        if self.class_names and len(names) != len(self.class_names):
+            raise DataError(f"{len(names)} class names from {_describe(source)}, but the model "
+                            f"has {len(self.class_names)} outputs: give one name per output")
+        return dataclasses.replace(self, class_names=tuple(names))
+
+
+def _describe(source: str | Path | Sequence[str]) -> str:
+    return str(source) if isinstance(source, (str, Path)) else "the list"
+
+
+def _read_class_names(source: str | Path | Sequence[str]) -> list[str]:
+    if not isinstance(source, (str, Path)):
+        names = [str(n) for n in source]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            names = sorted(p.name for p in path.iterdir()
+                           if p.is_dir() and not p.name.startswith("."))
+        elif path.is_file():
+            text = path.read_text(encoding="utf-8")
+            try:
+                data = json.loads(text)
+            except ValueError:
+                data = None
+            if isinstance(data, list) and all(isinstance(n, str) for n in data):
+                names = data
+            else:
+                names = [line.strip() for line in text.splitlines() if line.strip()]
+        else:
+            raise DataError(f"class names: {path} is neither a file nor a folder")
+    if not names:
+        raise DataError(f"no class names in {_describe(source)}")
+    return names

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,10 +108,29 @@ class LoadedModel:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+#: Presets by name for ``--preset`` besides the zoo's model names.
+PRESETS: dict[str, Preset] = {"imagenet": IMAGENET_PRESET}
+
+#: Packages whose models expect ImageNet input unless they say otherwise.
+_IMAGENET_PACKAGES = ("torchvision", "timm")
+
+
 def _resolve_factory(spec: str) -> Callable[[], nn.Module]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ModelSpecError(f"model spec {spec!r} must look like 'package.module:factory'")
+    if module_name == "timm":
+        # timm names its models by string (timm.create_model), not by module attribute.
+        try:
+            import timm
+        except ImportError as exc:
+            raise ModelSpecError(f"{spec!r} needs timm, which is not installed: pip install "
+                                 "timm (netcarve never requires it)") from exc
+        if attr not in timm.list_models():
+            close = difflib.get_close_matches(attr, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ModelSpecError(f"timm has no model {attr!r}{hint}")
+        return lambda: timm.create_model(attr, pretrained=False)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -128,16 +147,23 @@ def load_model(
     *,
     preset: Preset | str | None = None,
     device: str | torch.device = "cpu",
+    class_names: str | Path | Sequence[str] | None = None,
 ) -> LoadedModel:
     """Build a model by zoo name or ``package.module:factory`` spec, with its weights.
 
     Args:
-        spec: a zoo name (``netcarve models`` lists them) or ``package.module:factory``.
+        spec: a zoo name (``netcarve models`` lists them), ``package.module:factory``
+            (e.g. ``torchvision.models:resnet50``) or ``timm:NAME`` (``timm.create_model``;
+            both build the architecture only: bring its weights with ``weights``).
         weights: a weight file (safetensors or a ``torch.save``'d state dict) to load
             instead of the bundled weights.
         preset: input preset (a :class:`Preset` or a zoo name whose preset to use). Needed
-            for a factory spec unless the module has a ``netcarve_preset`` attribute.
+            for a factory spec unless the module has a ``netcarve_preset`` attribute;
+            ``"imagenet"`` is the ImageNet preset (224 crop of a 256 resize, ImageNet
+            mean/std), the default for torchvision and timm models.
         device: where to put the model (``"auto"``: the GPU when there is one).
+        class_names: the outputs' names: a list, a text file (one per line, or a JSON list)
+            or a folder (its sorted sub-folders); replaces the preset's names.
 
     Returns:
         A :class:`LoadedModel` whose model is in eval mode.
@@ -160,6 +186,8 @@ def load_model(
             raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
         name = spec
         resolved_preset = getattr(model, "netcarve_preset", None)
+        if resolved_preset is None and spec.split(".")[0].split(":")[0] in _IMAGENET_PACKAGES:
+            resolved_preset = IMAGENET_PRESET
     else:
         entry = ZOO.get(spec)
         if entry is None:
@@ -176,9 +204,13 @@ def load_model(
             weights = entry.weights_path
             metadata = entry.metadata()
     if isinstance(preset, str):
-        if preset not in ZOO:
-            raise ModelSpecError(f"unknown preset {preset!r}; use a zoo model name")
-        resolved_preset = ZOO[preset].preset
+        if preset in PRESETS:
+            resolved_preset = PRESETS[preset]
+        elif preset in ZOO:
+            resolved_preset = ZOO[preset].preset
+        else:
+            raise ModelSpecError(f"unknown preset {preset!r}; use {', '.join(PRESETS)} or a "
+                                 "zoo model name")
     elif preset is not None:
         resolved_preset = preset
     if resolved_preset is None:
@@ -186,6 +218,8 @@ def load_model(
             f"no input preset for {spec!r}: pass --preset with a zoo name whose input format "
             "matches (e.g. fmnist_vgg), or set `netcarve_preset` on the model"
         )
+    if class_names is not None:
+        resolved_preset = resolved_preset.with_class_names(class_names)
     if weights is not None:
         load_weights(model, weights)
     model.eval().to(target_device)

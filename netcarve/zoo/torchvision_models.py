@@ -51,8 +51,10 @@ IMAGENET_PRESET = Preset(
     (0.229, 0.224, 0.225),
     class_names=tuple(f"class_{i}" for i in range(1000)),
     dataset="imagenet",
+    resize=256,
 )
-"""Input preset of the ImageNet models: 224×224 RGB, ImageNet mean/std, 1000 classes."""
+"""Input preset of the ImageNet models: the 224×224 centre crop of a 256 resize, RGB,
+ImageNet mean/std, 1000 classes (named ``class_i`` until ``--class-names`` gives names)."""
 
 
 # --------------------------------------------------------------------------- AlexNet

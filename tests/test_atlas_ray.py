@@ -119,3 +119,39 @@ def test_an_interrupted_driver_leaves_a_store_the_same_command_resumes(tmp_path)
     assert f"{len(done)} already there" in stdout
     assert _store_is_whole(out) == [(LAYER, u) for u in range(8)]
     assert atlas_query(out, "SELECT count(*), count(DISTINCT unit) FROM units").rows == [(8, 8)]
+
+
+_HEAD = """
+import sys, time, ray
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes our stdin
+ray.shutdown()
+"""
+
+
+def test_joining_a_running_cluster_with_address(tmp_path):
+    import secrets
+
+    # Ray authenticates every client of a cluster: the head and the driver share a token the
+    # way a user's cluster would (Ray's RAY_AUTH_TOKEN convention).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head = subprocess.Popen([sys.executable, "-c", _HEAD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    try:
+        address = head.stdout.readline().strip()
+        assert ":" in address, "the head did not start"
+        out = tmp_path / "atlas"
+        proc = subprocess.run(
+            [sys.executable, "-m", "netcarve.cli", "atlas", "fmnist_vgg", *ARGS[:-4],
+             "--address", address, "--units", "0,1", "--out", str(out)],
+            capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert _store_is_whole(out) == [(LAYER, 0), (LAYER, 1)]
+        assert f"on the Ray cluster at {address}" in proc.stderr
+        # the driver joined the head's cluster: the head is still up after the run
+        assert head.poll() is None
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)

@@ -281,7 +281,8 @@ def run_atlas(
     planned = sum(len(us) for _, us in todo)
     say(f"atlas: {planned} units to map in {len(todo)} tasks ({run.skipped} already in "
         f"{out}), {len(class_layers)} class-wise CAR tasks, "
-        f"{'in this process' if workers == 0 and address is None else f'{workers} workers'}")
+        + ("in this process" if workers == 0 and address is None else
+           f"on the Ray cluster at {address}" if address else f"{workers} local Ray workers"))
     data = {"scoring": scoring.cpu(), "heldout": heldout.cpu(), "preset": preset,
             "model_name": model_name,
             "car_images": car_images.cpu() if with_classes else None,

@@ -19,6 +19,7 @@ from netcarve.circuits.circuit import Circuit, select_top_k
 from netcarve.circuits.extract import extract
 from netcarve.circuits.keep_search import KeepSearch, find_keep
 from netcarve.circuits.subcircuits import subcircuits
+from netcarve.circuits.subfeature_stats import subfeature_statistic
 from netcarve.circuits.sweep import sweep
 from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
@@ -109,6 +110,7 @@ __all__ = [
     "run_atlas",
     "select_top_k",
     "subcircuits",
+    "subfeature_statistic",
     "sweep",
     "visualize",
     "write_diagram",

@@ -130,13 +130,10 @@ def test_folder_dataset_items_are_the_rows_of_load_image_folder(tmp_path):
 
 
 def test_resize_then_centre_crop_when_the_preset_asks_for_it(tmp_path):
-    class CropPreset(Preset):
-        resize = 10  # an ImageNet-style preset: crop 8 of a 10 resize
-
     pixels = np.random.default_rng(1).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     (tmp_path / "a").mkdir()
     Image.fromarray(pixels).save(tmp_path / "a" / "x.png")
-    preset = CropPreset(8, 3, (0.0,) * 3, (1.0,) * 3)
+    preset = Preset(8, 3, (0.0,) * 3, (1.0,) * 3, resize=10)  # ImageNet-style: 8 of a 10
     image, _ = ImageFolderDataset(tmp_path, preset)[0]
     resized = Image.fromarray(pixels).resize((15, 10), Image.Resampling.BILINEAR)
     expected = np.asarray(resized)[1:9, 3:11] / 255.0

@@ -316,7 +316,9 @@ def run_atlas(
             bar.update(len(us))
 
     try:
-        if workers == 0 and address is None:
+        if not todo and not class_layers:
+            pass  # everything is in the store already: no cluster to start
+        elif workers == 0 and address is None:
             for layer in class_layers:
                 on_classes(layer, _class_job(cpu_model, data, layer, config.classes, device, 0))
             for layer, us in todo:

@@ -222,3 +222,15 @@ def test_cli_atlas_query_formats_and_errors(atlas, tmp_path):
     bad_units = _cli("atlas", "fmnist_vgg", "--layers", LAYER, "--units", "99",
                      "--workers", "0", "--out", str(tmp_path / "x"))
     assert bad_units.returncode == 2 and "1..64" in bad_units.stderr, bad_units.stderr
+
+
+def test_without_diagrams_the_pages_say_how_to_draw_one(setup, tmp_path):
+    config = AtlasConfig(featureviz_steps=8, examples=3, diagrams=False)
+    run = _run(setup, tmp_path / "a", units="1,", config=config)
+    folder = tmp_path / "a" / "units" / LAYER / "00001"
+    assert run.mapped == 1 and (folder / "circuit.safetensors").exists()
+    assert not (folder / "diagram.html").exists()
+    page = (folder / "index.html").read_text()
+    assert "<iframe" not in page and "netcarve diagram circuit.safetensors" in page
+    with pytest.raises(AtlasError, match="'diagrams': \\(False, True\\)"):
+        _run(setup, tmp_path / "a", units="1,")  # a resume must keep the settings

@@ -177,7 +177,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _unit_page(row: dict[str, Any], cls: dict[str, Any] | None, meta: dict[str, Any]) -> str:
+def _unit_page(row: dict[str, Any], cls: dict[str, Any] | None, meta: dict[str, Any],
+               has_diagram: bool = True) -> str:
     target = row["target"]
     reached = ("reached" if row["reached"] else
                '<span class="bad">not reached even with every relevant kernel</span>')
@@ -219,8 +220,14 @@ def _unit_page(row: dict[str, Any], cls: dict[str, Any] | None, meta: dict[str, 
         body.append(_table(["class", "accuracy drop without the unit"],
                            [[n, f"{v:+.4f}"] for n, v in zip(names, cls["class_car"],
                                                              strict=False)]))
-    body.append('<h2>Circuit diagram</h2><p><a href="diagram.html">open the diagram on its '
-                'own page</a></p><iframe src="diagram.html" title="circuit diagram"></iframe>')
+    if has_diagram:
+        body.append('<h2>Circuit diagram</h2><p><a href="diagram.html">open the diagram on '
+                    'its own page</a></p><iframe src="diagram.html" title="circuit diagram">'
+                    '</iframe>')
+    else:
+        body.append('<h2>Circuit diagram</h2><p class="muted">not drawn (the atlas was made '
+                    'with --no-diagrams): <code>netcarve diagram circuit.safetensors --out '
+                    '.</code> draws it from this folder\'s circuit file.</p>')
     return _page(f"{target} — netcarve atlas", "".join(body))
 
 
@@ -241,8 +248,9 @@ def write_pages(store: AtlasStore) -> Path:
         folder = unit_folder(row["layer"], row["unit"])
         cls = classes.get((row["layer"], row["unit"]))
         (store.root / folder).mkdir(parents=True, exist_ok=True)
-        (store.root / folder / "index.html").write_text(_unit_page(row, cls, meta),
-                                                        encoding="utf-8")
+        has_diagram = (store.root / folder / "diagram.html").exists()
+        (store.root / folder / "index.html").write_text(
+            _unit_page(row, cls, meta, has_diagram), encoding="utf-8")
         table.append({
             "order": i, "layer": row["layer"], "unit": row["unit"], "keep": row["keep"],
             "effective_keep": row["effective_keep"], "kept_kernels": row["kept_kernels"],

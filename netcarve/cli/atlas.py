@@ -53,6 +53,8 @@ def _names(value: str, option: str) -> tuple[str, ...]:
 @click.option("--car-images", type=click.IntRange(min=0), default=500, show_default=True,
               help="Labelled images for each layer's class-wise CAR (0: no classes).")
 @click.option("--featureviz-steps", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--diagrams/--no-diagrams", default=True, show_default=True,
+              help="Draw every unit's interactive circuit diagram (about 1 MB each).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @source_options
 @device_option
@@ -63,7 +65,8 @@ def _names(value: str, option: str) -> tuple[str, ...]:
 @in_run_folder(resumable=True)
 def atlas(model: str, layers: str, units: str, goal: float, search_on: str, criterion: str,
           compare: str, workers: int, address: str | None, task_units: int, n_images: int,
-          n_heldout: int, car_images: int, featureviz_steps: int, batch_size: int,
+          n_heldout: int, car_images: int, featureviz_steps: int, diagrams: bool,
+          batch_size: int,
           weights: Path | None, preset: str | None, images_dir: Path | None, device: str,
           seed: int, out: Path, as_json: bool) -> None:
     """Map every unit of --layers: its smallest circuit reaching --goal, pictures, classes.
@@ -78,7 +81,8 @@ def atlas(model: str, layers: str, units: str, goal: float, search_on: str, crit
 
     config = AtlasConfig(goal=goal, search_on=search_on, criterion=criterion,
                          compare=_names(compare, "--compare"),
-                         featureviz_steps=featureviz_steps, batch_size=batch_size, seed=seed)
+                         featureviz_steps=featureviz_steps, diagrams=diagrams,
+                         batch_size=batch_size, seed=seed)
     lm = load_cli_model(model, weights, preset, device)
     folder = None if images_dir is None else str(images_dir)
     scoring, heldout = analysis_data(lm.preset, n_images, n_heldout, images_dir=folder,

@@ -234,3 +234,25 @@ def test_without_diagrams_the_pages_say_how_to_draw_one(setup, tmp_path):
     assert "<iframe" not in page and "netcarve diagram circuit.safetensors" in page
     with pytest.raises(AtlasError, match="'diagrams': \\(False, True\\)"):
         _run(setup, tmp_path / "a", units="1,")  # a resume must keep the settings
+
+
+def test_a_failing_unit_is_reported_and_retried_by_the_next_run(setup, tmp_path, monkeypatch):
+    import netcarve.atlas.run as atlas_run
+    from netcarve.circuits.circuit import CircuitError
+
+    real = atlas_run.map_units
+
+    def flaky(model, layer, units, *args, **kwargs):
+        if 1 in units:
+            raise CircuitError("features.4:1 has no relevant kernels to keep")
+        return real(model, layer, units, *args, **kwargs)
+
+    monkeypatch.setattr(atlas_run, "map_units", flaky)
+    first = _run(setup, tmp_path / "a", units="0,1,2", task_units=1)
+    assert first.mapped == 2
+    assert first.failed == [{"layer": LAYER, "unit": 1,
+                             "error": "CircuitError: features.4:1 has no relevant kernels to keep"}]
+    assert AtlasStore(tmp_path / "a").done_units(LAYER) == {0, 2}
+    monkeypatch.setattr(atlas_run, "map_units", real)
+    again = _run(setup, tmp_path / "a", units="0,1,2", task_units=1)
+    assert (again.mapped, again.skipped, again.failed) == (1, 2, [])

@@ -9,7 +9,7 @@ both measured on images no circuit was scored on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,20 +100,44 @@ def find_groups(features: torch.Tensor, n_groups: int, *, components: int = 10,
     """
     if len(features) < n_groups:
         raise CircuitError(f"need at least {n_groups} images to find {n_groups} groups")
+    labels, _ = fit_groups(features, n_groups, components=components, seed=seed)
+    return [int(v) for v in labels]
+
+
+def _unit_rows(features: torch.Tensor | np.ndarray) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    # Normalise each image's vector: groups should differ in which kernels matter, not in
+    # how strongly the image drives the feature overall.
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def fit_groups(features: torch.Tensor | np.ndarray, n_groups: int, *, components: int = 10,
+               seed: int = 0) -> tuple[np.ndarray, Callable[[Any], np.ndarray]]:
+    """Fit the grouping :func:`find_groups` uses (unit-length rows, PCA, k-means).
+
+    Returns:
+        the rows' labels and a function that assigns new rows with the fitted PCA and
+        k-means (no re-clustering).
+
+    Raises:
+        CircuitError: scikit-learn missing.
+    """
     try:
         from sklearn.cluster import KMeans
         from sklearn.decomposition import PCA
     except ImportError as exc:  # pragma: no cover - the extra is installed by the set-up
         raise CircuitError("finding groups needs scikit-learn: pip install 'netcarve[cluster]'") \
             from exc
-    x = features.double().numpy()
-    # Normalise each image's vector: groups should differ in which kernels matter, not in
-    # how strongly the image drives the feature overall.
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = _unit_rows(features)
     k = max(1, min(components, x.shape[0] - 1, x.shape[1]))
-    z = PCA(n_components=k, random_state=seed).fit_transform(x)
-    labels = KMeans(n_clusters=n_groups, n_init=10, random_state=seed).fit_predict(z)
-    return [int(v) for v in labels]
+    pca = PCA(n_components=k, random_state=seed)
+    km = KMeans(n_clusters=n_groups, n_init=10, random_state=seed)
+    labels = km.fit_predict(pca.fit_transform(x)).astype(int)
+
+    def assign(new: Any) -> np.ndarray:
+        return km.predict(pca.transform(_unit_rows(new))).astype(int)
+
+    return labels, assign
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:

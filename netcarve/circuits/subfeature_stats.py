@@ -31,7 +31,7 @@ from torch import nn
 
 from netcarve.circuits.circuit import Circuit, CircuitError, select_top_k
 from netcarve.circuits.extract import score_kernels, target_responses
-from netcarve.circuits.subcircuits import per_image_scores
+from netcarve.circuits.subcircuits import fit_groups, per_image_scores
 from netcarve.core.graph import ModelGraph
 from netcarve.core.targets import Target
 
@@ -93,26 +93,12 @@ class SubfeatureStatistic:
                 "kept_kernels": "/".join(map(str, self.kept_kernels))}
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(len(x), -1).astype(np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def fit_and_assign(scoring: np.ndarray, heldout: np.ndarray, n_groups: int, *,
                    components: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster ``scoring`` rows (unit length, PCA, k-means) and assign ``heldout`` rows with
-    the fitted PCA and k-means. Returns both label arrays."""
-    try:
-        from sklearn.cluster import KMeans
-        from sklearn.decomposition import PCA
-    except ImportError as exc:  # pragma: no cover - the extra is installed by the set-up
-        raise CircuitError("grouping needs scikit-learn: pip install 'netcarve[cluster]'"
-                           ) from exc
-    xs, xh = _unit_rows(scoring), _unit_rows(heldout)
-    k = max(1, min(components, xs.shape[0] - 1, xs.shape[1]))
-    pca = PCA(n_components=k, random_state=seed).fit(xs)
-    km = KMeans(n_clusters=n_groups, n_init=10, random_state=seed).fit(pca.transform(xs))
-    return km.labels_.astype(int), km.predict(pca.transform(xh)).astype(int)
+    """Cluster ``scoring`` rows as :func:`~netcarve.circuits.subcircuits.find_groups` does
+    and assign ``heldout`` rows with the fitted PCA and k-means. Returns both label arrays."""
+    labels, assign = fit_groups(scoring, n_groups, components=components, seed=seed)
+    return labels, assign(heldout)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

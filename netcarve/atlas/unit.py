@@ -104,19 +104,27 @@ def _r(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
+def _scores(model: nn.Module, graph: ModelGraph, target: Target, scoring: torch.Tensor,
+            criterion: str, config: AtlasConfig) -> dict[str, torch.Tensor]:
+    return score_kernels(model, graph, target, scoring, criterion=criterion,
+                         relevant=graph.relevant_kernels(target.layer, target.channels),
+                         batch_size=config.batch_size, seed=config.seed)
+
+
 def _comparison(model: nn.Module, graph: ModelGraph, target: Target, scoring: torch.Tensor,
                 search: torch.Tensor, original: list[torch.Tensor], keep: float,
-                config: AtlasConfig) -> list[dict[str, Any]]:
+                config: AtlasConfig, own_scores: dict[str, torch.Tensor] | None
+                ) -> list[dict[str, Any]]:
     """Preservation of every compared criterion at the comparison keeps (one scoring pass per
-    criterion: the one-shot scores do not change with keep)."""
+    criterion: the one-shot scores do not change with keep; ``own_scores`` are
+    ``config.criterion``'s, already computed for the keep search)."""
     relevant = graph.relevant_kernels(target.layer, target.channels)
     total = count(relevant)
     keeps = sorted({min(1.0, keep * f) for f in config.compare_factors})
     rows = []
     for criterion in (config.criterion, *config.compare):
-        scores = score_kernels(model, graph, target, scoring, criterion=criterion,
-                               relevant=relevant, batch_size=config.batch_size,
-                               seed=config.seed)
+        scores = (own_scores if criterion == config.criterion and own_scores is not None
+                  else _scores(model, graph, target, scoring, criterion, config))
         for k in keeps:
             n = max(1, round(k * total))
             masks, collapsed = graph.effective_mask(select_top_k(scores, relevant, n),
@@ -191,17 +199,22 @@ def map_units(
     results = []
     for i, unit in enumerate(units):
         t0 = time.perf_counter()
-        target = Target(layer, channel=int(unit))
-        search = find_keep(model, target, scoring, heldout=heldout, goal=config.goal,
-                           criterion=config.criterion, search_on=config.search_on,
-                           batch_size=config.batch_size, seed=config.seed, graph=graph)
-        circuit = search.circuit
-        circuit.metadata["model"] = model_name
+        target = Target(layer, channel=int(unit)).resolve(graph)
+        # One scoring pass and one pass for the original responses serve both the keep search
+        # and the criterion comparison.
+        own = (None if config.criterion == "force"
+               else _scores(model, graph, target, scoring, config.criterion, config))
         images = heldout if config.search_on == "heldout" else scoring
         original = list(target_responses(model, graph, target, images,
                                          batch_size=max(config.batch_size, 256)))
+        search = find_keep(model, target, scoring, heldout=heldout, goal=config.goal,
+                           criterion=config.criterion, search_on=config.search_on,
+                           batch_size=config.batch_size, seed=config.seed, graph=graph,
+                           scores=own, original=original)
+        circuit = search.circuit
+        circuit.metadata["model"] = model_name
         comparison = _comparison(model, graph, target, scoring, images, original,
-                                 search.keep, config)
+                                 search.keep, config, own)
         folder = unit_folder(layer, unit)
         files: dict[str, bytes] = {
             f"{folder}/featureviz.png": png_bytes(viz.picture(i), min_size=96),

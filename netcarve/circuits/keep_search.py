@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+import torch
 from torch import nn
 
 from netcarve.circuits.circuit import Circuit, CircuitError, count, select_top_k
@@ -112,6 +113,8 @@ def find_keep(
     batch_size: int = 64,
     seed: int = 0,
     graph: ModelGraph | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
+    original: list[torch.Tensor] | None = None,
 ) -> KeepSearch:
     """The smallest keep whose circuit reaches a preservation goal.
 
@@ -133,6 +136,10 @@ def find_keep(
         batch_size: images per forward pass while scoring.
         seed: seeds the random criterion and the scoring/held-out split.
         graph: a prebuilt graph.
+        scores: kernel scores already computed by :func:`score_kernels` for this target,
+            criterion and scoring images (one-shot criteria only); the scoring pass is skipped.
+        original: the target's responses on the search images, batch by batch as
+            :func:`target_responses` yields them (with ``heldout`` given); not recomputed.
 
     Returns:
         A :class:`KeepSearch` with the circuit, the chosen keep and the sampled curve.
@@ -171,12 +178,14 @@ def find_keep(
     if total == 0:
         raise CircuitError(f"{tgt} has no relevant kernels to keep")
     one_shot = criterion != "force"
-    scores = None
-    if one_shot:
+    if scores is not None and not one_shot:
+        raise CircuitError("FORCE re-scores at every keep: do not pass scores")
+    if one_shot and scores is None:
         scores = score_kernels(model, graph, tgt, scoring, criterion=criterion,
                                relevant=relevant, batch_size=batch_size, seed=seed)
     eval_bs = max(batch_size, 256)
-    original = list(target_responses(model, graph, tgt, search, batch_size=eval_bs))
+    if original is None:
+        original = list(target_responses(model, graph, tgt, search, batch_size=eval_bs))
     points: dict[int, dict[str, Any]] = {}
 
     def sample(k: int) -> bool:

@@ -172,6 +172,19 @@ def test_a_resumable_run_keeps_earlier_and_partial_results(tmp_path):
     assert _manifest(out)["files"] == ["unit_0.json", "unit_1.json", "unit_2.json"]
 
 
+def test_a_resumable_run_that_fails_before_writing_leaves_nothing(tmp_path):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ValueError):
+        _run(out, {}, resumable=True, fail=ValueError("unknown layer"))
+    assert not (tmp_path / "new").exists()  # the folders it created are gone too
+    kept = tmp_path / "kept"
+    _run(kept, {"unit_0.json": "done"}, resumable=True)
+    before = _manifest(kept)
+    with pytest.raises(ValueError):
+        _run(kept, {}, resumable=True, fail=ValueError("unknown layer"))
+    assert _tree(kept) == {"unit_0.json": "done"} and _manifest(kept) == before
+
+
 def test_two_writers_at_once_the_second_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "out"
     ready = tmp_path / "ready"

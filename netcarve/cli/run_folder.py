@@ -214,6 +214,7 @@ def run_folder(out: str | Path, command: str, *, name: str, resumable: bool = Fa
                                 "choose a folder you can write to with --out") from None
     lock = _Lock(out, command)
     ok = False
+    partial = False  # a resumable run that failed after writing: its results stay
     try:
         mname = manifest_name(name)
         manifest = _read_manifest(out, mname)
@@ -251,8 +252,12 @@ def run_folder(out: str | Path, command: str, *, name: str, resumable: bool = Fa
             ok = exc.code in (0, None)
             raise
         finally:
-            if ok or resumable:
-                now = _files(out)
+            now = _files(out)
+            # A resumable run keeps what it wrote; one that failed before writing anything
+            # (a bad layer name, a missing file) is undone like any other, folder included.
+            partial = resumable and not ok and any(
+                r not in start or now[r] != start[r] for r in now)
+            if ok or partial:
                 earlier_files = set() if earlier is None else set(earlier.get("files", []))
                 new = {r for r in now if r not in start}
                 changed = {r for r in now if r in start and now[r] != start[r]}
@@ -274,7 +279,7 @@ def run_folder(out: str | Path, command: str, *, name: str, resumable: bool = Fa
                 _write_manifest(out, mname, earlier)
     finally:
         lock.release()
-        if created and not ok and not resumable and not _files(out) \
+        if created and not ok and not partial and not _files(out) \
                 and not any(p.name.startswith("netcarve-run-") for p in out.iterdir()
                             if p.name != mname):
             (out / _LOCK).unlink(missing_ok=True)

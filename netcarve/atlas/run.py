@@ -397,7 +397,11 @@ def _run_on_ray(model: nn.Module, data: dict[str, Any], todo: list[tuple[str, li
             else:
                 on_units(result)
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
         if started:
+            # Our own local cluster: shutting it down stops every task. Force-cancelling tasks
+            # first races with tasks that are just finishing and can abort the driver inside
+            # Ray's core worker ("Tried to complete task that was not pending").
             ray.shutdown()
+        else:
+            for ref in pending:  # a joined cluster outlives us: ask its workers to stop
+                ray.cancel(ref)

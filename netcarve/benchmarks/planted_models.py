@@ -12,6 +12,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netcarve.benchmarks.planted_build import (
+    CANCELLING,
+    DEAD_OUTPUT,
+    GATE_OPEN,
+    GROUND_TRUTH,
+    IRRELEVANT,
+    SILENT_INPUT,
+    UNREACHING,
+    WEAK,
+    ZERO,
+    Stage,
+    build_stage,
+    fill_kinds,
+    head_stage,
+    open_shift,
+    reach_abs,
+    roles_in_order,
+    states,
+    weights,
+)
 from netcarve.circuits.circuit import count
 from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
@@ -19,11 +39,18 @@ from netcarve.core.targets import Target
 
 __all__ = [
     "ARCHITECTURES",
+    "CANCELLING",
     "COLUMNS",
+    "EPSILONS",
+    "GATE_OPEN",
+    "GROUND_TRUTH",
     "GT_MULTIPLES",
     "KIND_NAMES",
+    "WEAK",
+    "ZERO",
     "Maxout",
     "PlantedCase",
+    "PlantedConcat",
     "PlantedError",
     "PlantedResidual",
     "PlantedSequential",
@@ -31,13 +58,15 @@ __all__ = [
     "planted_images",
 ]
 
-ARCHITECTURES = ("sequential", "residual")
+ARCHITECTURES = ("sequential", "residual", "concat")
 """Architectures :func:`build_planted` knows."""
+
+EPSILONS = (0.0, 0.02, 0.05, 0.1, 0.2)
+"""Weak-distractor strengths of the graded benchmark (``eps``)."""
 
 GT_MULTIPLES = (0.5, 1.0, 2.0)
 """Keep fractions used when ``keeps=None``: these multiples of ``|GT| / |relevant|``."""
 
-ZERO, GROUND_TRUTH, SILENT_INPUT, DEAD_OUTPUT, UNREACHING, IRRELEVANT = range(6)
 KIND_NAMES = {
     ZERO: "zero",
     GROUND_TRUTH: "ground_truth",
@@ -45,13 +74,15 @@ KIND_NAMES = {
     DEAD_OUTPUT: "dead_output",
     UNREACHING: "unreaching",
     IRRELEVANT: "irrelevant",
+    WEAK: "weak",
+    CANCELLING: "cancelling",
 }
 """Kernel kinds (codes in :attr:`PlantedCase.kinds`)."""
 
 COLUMNS = [
-    "architecture", "seed", "criterion", "keep_label", "keep", "k", "relevant",
-    "ground_truth", "kept", "true_positives", "precision", "recall", "pearson", "collapsed",
-    "seconds",
+    "architecture", "seed", "eps", "criterion", "keep_label", "keep", "k", "relevant",
+    "ground_truth", "kept", "true_positives", "precision", "recall", "gated_recall",
+    "kept_weak", "kept_cancelling", "cancel_halves", "pearson", "collapsed", "seconds",
 ]
 """Columns of :meth:`PlantedReport.write_csv` (the keys of every row)."""
 
@@ -61,12 +92,8 @@ WIDTH = 12
 OUT_CHANNELS = 4
 SIZE = 16
 TARGET = "head:0"
-
-_GT_TAPS = (0.02, 0.2)
-_BIG_TAPS = (0.5, 1.5)
-_P_GT = 0.6  # chance that a possible ground-truth kernel is present
-_P_BIG = 0.6  # chance that a possible large non-ground-truth kernel is present
-_P_NEGATIVE = 0.25  # chance that a ground-truth kernel outside maxout pieces is negative
+CONTRAST = (0.2, 1.0)
+"""Range of the per-image contrast that scales the live input channels."""
 
 
 class PlantedError(NetcarveError):
@@ -74,6 +101,13 @@ class PlantedError(NetcarveError):
 
 
 # ---------------------------------------------------------------------------- networks
+
+
+def _conv(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
+    """A 3×3 conv with replicate padding: a channel's constant part (its bias, shifted up to
+    keep its ReLU open) then stays constant at the borders instead of drawing a border pattern
+    that would dominate the target's variance."""
+    return nn.Conv2d(cin, cout, 3, padding=1, padding_mode="replicate", bias=bias)
 
 
 class Maxout(nn.Module):
@@ -88,8 +122,8 @@ class Maxout(nn.Module):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.a = nn.Conv2d(cin, cout, 3, padding=1)
-        self.b = nn.Conv2d(cin, cout, 3, padding=1)
+        self.a = _conv(cin, cout)
+        self.b = _conv(cin, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``max(a(x), b(x))`` element-wise."""
@@ -109,10 +143,10 @@ class PlantedSequential(nn.Module):
 
     def __init__(self, cin: int = IN_CHANNELS, width: int = WIDTH, cout: int = OUT_CHANNELS):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 3, padding=1)
+        self.conv1 = _conv(cin, width)
         self.conv2 = Maxout(width, width)
-        self.conv3 = nn.Conv2d(width, width, 3, padding=1)
-        self.head = nn.Conv2d(width, cout, 3, padding=1)
+        self.conv3 = _conv(width, width)
+        self.head = _conv(width, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The head's raw output ``[N, cout, H, W]``."""
@@ -136,11 +170,11 @@ class PlantedResidual(nn.Module):
 
     def __init__(self, cin: int = IN_CHANNELS, width: int = WIDTH, cout: int = OUT_CHANNELS):
         super().__init__()
-        self.stem = nn.Conv2d(cin, width, 3, padding=1)
+        self.stem = _conv(cin, width)
         self.conv1 = Maxout(width, width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.conv2 = _conv(width, width, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.head = nn.Conv2d(width, cout, 3, padding=1)
+        self.head = _conv(width, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The head's raw output ``[N, cout, H, W]``."""
@@ -148,6 +182,32 @@ class PlantedResidual(nn.Module):
         u = F.relu(self.conv1(h0))
         v = self.bn2(self.conv2(u))
         return self.head(F.relu(v + h0))
+
+
+class PlantedConcat(nn.Module):
+    """``stem → ReLU``, two branches ``branch_a`` / ``branch_b`` (each conv → ReLU),
+    concatenated (``torch.cat``), then ``head``.
+
+    Layers: ``stem`` (6→12), ``branch_a`` and ``branch_b`` (12→6 each), ``head`` (12→4); the
+    output is ``head``'s raw map. :func:`build_planted` sets the weights.
+
+    Example:
+        >>> PlantedConcat()(torch.zeros(2, 6, 16, 16)).shape
+        torch.Size([2, 4, 16, 16])
+    """
+
+    def __init__(self, cin: int = IN_CHANNELS, width: int = WIDTH, cout: int = OUT_CHANNELS):
+        super().__init__()
+        self.stem = _conv(cin, width)
+        self.branch_a = _conv(width, width // 2)
+        self.branch_b = _conv(width, width - width // 2)
+        self.head = _conv(width, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's raw output ``[N, cout, H, W]``."""
+        h = F.relu(self.stem(x))
+        both = torch.cat([F.relu(self.branch_a(h)), F.relu(self.branch_b(h))], dim=1)
+        return self.head(both)
 
 
 # ---------------------------------------------------------------------------- data
@@ -160,8 +220,12 @@ def planted_images(
     generator: torch.Generator,
     channels: int = IN_CHANNELS,
     size: int = SIZE,
+    contrast: tuple[float, float] | None = CONTRAST,
 ) -> torch.Tensor:
     """Images whose ``live`` channels are smooth random fields in [0, 1]; the rest are 0.
+
+    Each image's live channels are scaled by its own contrast, drawn uniformly from
+    ``contrast`` (so a gated channel can open on some images and stay shut on the others).
 
     Args:
         n: number of images.
@@ -169,6 +233,7 @@ def planted_images(
         generator: the random generator (consumed).
         channels: input channels.
         size: height and width.
+        contrast: ``(low, high)`` in [0, 1], or None for contrast 1 everywhere.
 
     Returns:
         float64 ``[n, channels, size, size]``.
@@ -189,134 +254,13 @@ def planted_images(
                        dtype=torch.float64)
     x = torch.zeros(n, channels, size, size, dtype=torch.float64)
     x[:, list(live)] = F.avg_pool2d(noise, 3, stride=1)
+    if contrast is not None:
+        lo, hi = contrast
+        x *= lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=generator, dtype=torch.float64)
     return x
 
 
 # ---------------------------------------------------------------------------- construction
-
-
-def _kinds_in_order(gen: torch.Generator, counts: Sequence[tuple[str, int]]) -> list[str]:
-    """Channel roles, shuffled (seeded) so no role sits at a fixed index."""
-    roles = [role for role, n in counts for _ in range(n)]
-    order = torch.randperm(len(roles), generator=gen).tolist()
-    return [roles[j] for j in order]
-
-
-def _rule(out_role: str, in_state: str) -> int:
-    """Kind of a possible kernel from a channel in ``in_state`` (G live and reaching, O live
-    orphan, Z zero on the data) into a channel with ``out_role``."""
-    if in_state == "Z":
-        return SILENT_INPUT
-    if out_role == "G":
-        return GROUND_TRUTH if in_state == "G" else ZERO
-    if out_role == "dead":
-        return DEAD_OUTPUT
-    if out_role == "orphan":
-        return UNREACHING
-    return ZERO  # a silent channel reads no live channel
-
-
-def _fill_kinds(
-    gen: torch.Generator,
-    out_roles: Sequence[str],
-    in_states: Sequence[str],
-    cover: Sequence[int] = (),
-) -> torch.Tensor:
-    """Kernel kinds ``int64 [out, in]`` for one conv.
-
-    Every ``G`` output gets at least one ground-truth kernel, and every input channel in
-    ``cover`` gets at least one ground-truth kernel into a ``G`` output (so it reaches).
-    """
-    n_out, n_in = len(out_roles), len(in_states)
-    kinds = torch.zeros(n_out, n_in, dtype=torch.int64)
-    draws = torch.rand(n_out, n_in, generator=gen)
-    for o, role in enumerate(out_roles):
-        for i, state in enumerate(in_states):
-            kind = _rule(role, state)
-            p = _P_GT if kind == GROUND_TRUTH else _P_BIG
-            if kind != ZERO and draws[o, i] < p:
-                kinds[o, i] = kind
-    live_in = [i for i, s in enumerate(in_states) if s == "G"]
-    g_out = [o for o, r in enumerate(out_roles) if r == "G"]
-    for o in g_out:
-        if not (kinds[o] == GROUND_TRUTH).any():
-            kinds[o, live_in[int(torch.randint(len(live_in), (1,), generator=gen))]] = (
-                GROUND_TRUTH
-            )
-    for i in cover:
-        if not (kinds[g_out, i] == GROUND_TRUTH).any():
-            kinds[g_out[int(torch.randint(len(g_out), (1,), generator=gen))], i] = GROUND_TRUTH
-    return kinds
-
-
-def _weights(gen: torch.Generator, kinds: torch.Tensor, positive: bool) -> torch.Tensor:
-    """3×3 weights ``float64 [out, in, 3, 3]`` for kernel kinds.
-
-    Ground truth: taps in [0.02, 0.2], positive when ``positive`` (else negative with chance
-    0.25, keeping at least one positive ground-truth kernel per output). Other non-zero
-    kinds: taps of random sign with ``|w|`` in [0.5, 1.5]. ``IRRELEVANT``: N(0, 0.3²).
-    """
-    n_out, n_in = kinds.shape
-    small = _GT_TAPS[0] + (_GT_TAPS[1] - _GT_TAPS[0]) * torch.rand(
-        n_out, n_in, 3, 3, generator=gen, dtype=torch.float64)
-    big = _BIG_TAPS[0] + (_BIG_TAPS[1] - _BIG_TAPS[0]) * torch.rand(
-        n_out, n_in, 3, 3, generator=gen, dtype=torch.float64)
-    big_sign = torch.where(torch.rand(n_out, n_in, 3, 3, generator=gen) < 0.5, -1.0, 1.0)
-    gt_sign = torch.where(torch.rand(n_out, n_in, generator=gen) < _P_NEGATIVE, -1.0, 1.0)
-    noise = 0.3 * torch.randn(n_out, n_in, 3, 3, generator=gen, dtype=torch.float64)
-    gt = kinds == GROUND_TRUTH
-    if positive:
-        gt_sign = torch.ones_like(gt_sign)
-    for o in range(n_out):
-        row = gt[o]
-        if row.any() and not (gt_sign[o][row] > 0).any():
-            gt_sign[o, int(torch.nonzero(row)[0])] = 1.0
-    w = torch.zeros(n_out, n_in, 3, 3, dtype=torch.float64)
-    w[gt] = (small * gt_sign[:, :, None, None].double())[gt]
-    other = (kinds != ZERO) & ~gt & (kinds != IRRELEVANT)
-    w[other] = (big * big_sign.double())[other]
-    w[kinds == IRRELEVANT] = noise[kinds == IRRELEVANT]
-    return w
-
-
-def _reach_up(w: torch.Tensor, ub_in: torch.Tensor) -> torch.Tensor:
-    """Upper bound of ``Σ_i w_oi ⋆ x_i`` for inputs in ``[0, ub_in]`` (per output)."""
-    return (w.clamp(min=0).sum(dim=(2, 3)) * ub_in[None, :]).sum(dim=1)
-
-
-def _reach_abs(w: torch.Tensor, ub_in: torch.Tensor) -> torch.Tensor:
-    """Bound of ``|Σ_i w_oi ⋆ x_i|`` under any subset of kernels, inputs in ``[0, ub_in]``."""
-    return (w.abs().sum(dim=(2, 3)) * ub_in[None, :]).sum(dim=1)
-
-
-def _open_shift(w: torch.Tensor, kinds: torch.Tensor, ub_in: torch.Tensor) -> torch.Tensor:
-    """Bound of the negative ground-truth contributions into each output: a live channel's
-    bias (or BatchNorm shift) above it keeps its ReLU open on all data."""
-    neg = (-w).clamp(min=0) * (kinds == GROUND_TRUTH)[:, :, None, None]
-    return _reach_up(neg, ub_in)
-
-
-def _biases(gen: torch.Generator, roles: Sequence[str], w: torch.Tensor, kinds: torch.Tensor,
-            ub_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biases for roles and the upper bound of the post-ReLU output.
-
-    Live: the bound of its negative ground-truth contributions plus [0, 0.05] (its ReLU never
-    clips on the data); silent and orphan: 0; dead: below minus the bound of its input.
-    """
-    b = 0.05 * torch.rand(len(roles), generator=gen, dtype=torch.float64)
-    b += _open_shift(w, kinds, ub_in)
-    bound = _reach_abs(w, ub_in)
-    for o, role in enumerate(roles):
-        if role == "dead":
-            b[o] = -(bound[o] + 1.0)
-        elif role != "G":
-            b[o] = 0.0
-    return b, (b + _reach_up(w, ub_in)).clamp(min=0)
-
-
-def _states(roles: Sequence[str]) -> list[str]:
-    """Channel states (G live and reaching, O live orphan, Z zero on the data) of roles."""
-    return [{"G": "G", "orphan": "O"}.get(r, "Z") for r in roles]
 
 
 def _set(conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -327,93 +271,110 @@ def _set(conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor | None) -> None:
             conv.bias.copy_(b if b is not None else torch.zeros(conv.out_channels))
 
 
-def _head_kinds(gen: torch.Generator, in_states: Sequence[str]) -> torch.Tensor:
-    """Head kinds: row 0 is the target (every live input covered), other rows irrelevant."""
-    live = [i for i, s in enumerate(in_states) if s == "G"]
-    row0 = _fill_kinds(gen, ["G"], in_states, cover=live)
-    rest = torch.full((OUT_CHANNELS - 1, len(in_states)), IRRELEVANT, dtype=torch.int64)
-    return torch.cat([row0, rest])
+Kernel = tuple[str, int, int]
 
 
-_Built = tuple[nn.Module, dict[str, torch.Tensor], list[str]]
+@dataclass
+class _Built:
+    """What a builder returns besides the model's weights."""
+
+    model: nn.Module
+    kinds: dict[str, torch.Tensor]
+    maxouts: list[str]
+    gated: list[tuple[str, str, int]]  # (layer, "row" | "col", channel) of the gated path
+    cancelling: list[tuple[Kernel, Kernel]]
 
 
-def _build_sequential(gen: torch.Generator, live_in: list[int]) -> _Built:
-    """The sequential net's weights, its kernel kinds and its maxout layers."""
+def _mirrors_in(layer: str, stage: Stage) -> list[tuple[Kernel, Kernel]]:
+    """Kernel pairs into the two halves of a stage's cancelling pair."""
+    return [((layer, a, i), (layer, b, i)) for a, b in stage.cancel_pairs
+            for i in torch.nonzero(stage.kinds[a] == CANCELLING).flatten().tolist()]
+
+
+def _mirrors_out(layer: str, kinds: torch.Tensor,
+                 pairs: list[tuple[int, int]]) -> list[tuple[Kernel, Kernel]]:
+    """Kernel pairs out of the two halves of cancelling input pairs."""
+    return [((layer, o, a), (layer, o, b)) for a, b in pairs
+            for o in torch.nonzero(kinds[:, a] == CANCELLING).flatten().tolist()]
+
+
+def _input_states(live_in: list[int]) -> tuple[list[str], torch.Tensor]:
+    st = ["G" if c in live_in else "Z" for c in range(IN_CHANNELS)]
+    return st, torch.tensor([1.0 if s == "G" else 0.0 for s in st], dtype=torch.float64)
+
+
+def _live(st: list[str]) -> list[int]:
+    return [i for i, s in enumerate(st) if s == "G"]
+
+
+def _build_sequential(gen: torch.Generator, live_in: list[int], calib: torch.Tensor,
+                      eps: float) -> _Built:
+    """The sequential net: maxout ``conv2``; a gated channel and a cancelling pair in
+    ``conv3``, read by the head."""
     model = PlantedSequential()
-    in_states = ["G" if c in live_in else "Z" for c in range(IN_CHANNELS)]
-    ub = torch.tensor([1.0 if s == "G" else 0.0 for s in in_states], dtype=torch.float64)
-    kinds: dict[str, torch.Tensor] = {}
-    stages = [
-        ("conv1", model.conv1, [("G", 4), ("dead", 2), ("silent", 4), ("orphan", 2)], False),
-        ("conv2", model.conv2, [("G", 4), ("dead", 2), ("silent", 4), ("orphan", 2)], True),
-        ("conv3", model.conv3, [("G", 3), ("dead", 2), ("silent", 4), ("orphan", 3)], False),
-    ]
-    cover: list[int] = []
-    for name, module, counts, maxout in stages:
-        roles = _kinds_in_order(gen, counts)
-        k = _fill_kinds(gen, roles, in_states, cover)
-        w = _weights(gen, k, positive=maxout)
-        b, ub = _biases(gen, roles, w, k, ub)
-        if maxout:
-            _set(module.a, w, b)
-            _set(module.b, w, b)
-            kinds[f"{name}.a"], kinds[f"{name}.b"] = k, k.clone()
-        else:
-            _set(module, w, b)
-            kinds[name] = k
-        in_states = _states(roles)
-        cover = [i for i, s in enumerate(in_states) if s == "G"]
-    k = _head_kinds(gen, in_states)
-    _set(model.head, _weights(gen, k, positive=False), torch.zeros(OUT_CHANNELS))
-    kinds["head"] = k
-    return model, kinds, ["conv2"]
+    x_states, ub = _input_states(live_in)
+    r1 = roles_in_order(gen, [("G", 4), ("dead", 2), ("silent", 4), ("orphan", 2)])
+    s1 = build_stage(gen, r1, x_states, ub, eps=eps, calib_in=calib)
+    _set(model.conv1, s1.weight, s1.bias)
+    r2 = roles_in_order(gen, [("G", 4), ("dead", 2), ("silent", 4), ("orphan", 2)])
+    s2 = build_stage(gen, r2, states(r1), s1.ub, eps=eps, positive=True,
+                     cover=_live(states(r1)), calib_in=s1.calib)
+    _set(model.conv2.a, s2.weight, s2.bias)
+    _set(model.conv2.b, s2.weight, s2.bias)
+    r3 = roles_in_order(gen, [("G", 3), ("gate", 1), ("cancel_a", 1), ("cancel_b", 1),
+                              ("dead", 2), ("silent", 2), ("orphan", 2)])
+    s3 = build_stage(gen, r3, states(r2), s2.ub, eps=eps, cover=_live(states(r2)),
+                     calib_in=s2.calib)
+    _set(model.conv3, s3.weight, s3.bias)
+    head_kinds, head_w = head_stage(gen, states(r3), eps=eps, out_channels=OUT_CHANNELS,
+                                    cancel_in=s3.cancel_pairs, gate_in=s3.gates)
+    _set(model.head, head_w, torch.zeros(OUT_CHANNELS))
+    kinds = {"conv1": s1.kinds, "conv2.a": s2.kinds, "conv2.b": s2.kinds.clone(),
+             "conv3": s3.kinds, "head": head_kinds}
+    gated = [("conv3", "row", g) for g in s3.gates] + [("head", "col", g) for g in s3.gates]
+    cancelling = _mirrors_in("conv3", s3) + _mirrors_out("head", head_kinds, s3.cancel_pairs)
+    return _Built(model, kinds, ["conv2"], gated, cancelling)
 
 
-def _build_residual(gen: torch.Generator, live_in: list[int]) -> _Built:
-    """The residual net's weights, its kernel kinds and its maxout layers."""
+def _build_residual(gen: torch.Generator, live_in: list[int], calib: torch.Tensor,
+                    eps: float) -> _Built:
+    """The residual net: a cancelling pair in the stream (skip only), a gated channel in the
+    maxout ``conv1``."""
     model = PlantedResidual()
-    in_states = ["G" if c in live_in else "Z" for c in range(IN_CHANNELS)]
-    ub_x = torch.tensor([1.0 if s == "G" else 0.0 for s in in_states], dtype=torch.float64)
-    kinds: dict[str, torch.Tensor] = {}
-    stream = _kinds_in_order(gen, [("skip", 2), ("blockout", 2), ("both", 1), ("feed", 2),
-                                   ("deadend", 1), ("silent", 4)])
-    # stem: h0 is live for skip / both / feed, a live orphan for deadend, silent otherwise
-    stem_roles = [{"skip": "G", "both": "G", "feed": "G", "deadend": "orphan"}.get(s, "silent")
+    x_states, ub_x = _input_states(live_in)
+    stream = roles_in_order(gen, [("skip", 2), ("blockout", 2), ("both", 1), ("feed", 2),
+                                  ("deadend", 1), ("cancel_a", 1), ("cancel_b", 1),
+                                  ("silent", 2)])
+    # stem: h0 is live for skip / both / feed, a live orphan for deadend, silent for
+    # blockout and silent; the cancelling pair reaches the head through the skip only
+    stem_roles = [{"skip": "G", "both": "G", "feed": "G", "deadend": "orphan",
+                   "cancel_a": "cancel_a", "cancel_b": "cancel_b"}.get(s, "silent")
                   for s in stream]
-    k = _fill_kinds(gen, stem_roles, in_states)
-    w = _weights(gen, k, positive=False)
-    b, ub_h0 = _biases(gen, stem_roles, w, k, ub_x)
-    _set(model.stem, w, b)
-    kinds["stem"] = k
-    h0_states = _states(stem_roles)
-    # block conv1 (maxout): the feed channels must reach the head through the block
-    u_roles = _kinds_in_order(gen, [("G", 4), ("dead", 2), ("silent", 4), ("orphan", 2)])
+    s0 = build_stage(gen, stem_roles, x_states, ub_x, eps=eps, calib_in=calib)
+    _set(model.stem, s0.weight, s0.bias)
+    u_roles = roles_in_order(gen, [("G", 4), ("gate", 1), ("dead", 2), ("silent", 3),
+                                   ("orphan", 2)])
     feed = [c for c, s in enumerate(stream) if s == "feed"]
-    k = _fill_kinds(gen, u_roles, h0_states, cover=feed)
-    w = _weights(gen, k, positive=True)
-    b, ub_u = _biases(gen, u_roles, w, k, ub_h0)
-    _set(model.conv1.a, w, b)
-    _set(model.conv1.b, w, b)
-    kinds["conv1.a"], kinds["conv1.b"] = k, k.clone()
-    u_states = _states(u_roles)
-    # block conv2 + bn2: v is live where the stream carries block output, an orphan for the
-    # feed channels (the head ignores them), dead (BN shift) for the dead-end channel
+    s1 = build_stage(gen, u_roles, states(stem_roles), s0.ub, eps=eps, positive=True,
+                     cover=feed, calib_in=s0.calib)
+    _set(model.conv1.a, s1.weight, s1.bias)
+    _set(model.conv1.b, s1.weight, s1.bias)
+    # conv2 + bn2: v is live where the stream carries block output, an orphan for the feed
+    # channels (the head ignores them), dead (BN shift) for the dead-end channel, 0 elsewhere
     v_roles = [{"blockout": "G", "both": "G", "feed": "orphan", "deadend": "dead"}.get(
         s, "silent") for s in stream]
-    k = _fill_kinds(gen, v_roles, u_states,
-                    cover=[i for i, s in enumerate(u_states) if s == "G"])
-    w = _weights(gen, k, positive=False)
+    u_states = states(u_roles)
+    k = fill_kinds(gen, v_roles, u_states, cover=_live(u_states))
+    w, full = weights(gen, k, v_roles, positive=False, eps=eps, gate_in=s1.gates)
     _set(model.conv2, w, None)
-    kinds["conv2"] = k
     bn = model.bn2
     gamma = 0.5 + torch.rand(WIDTH, generator=gen, dtype=torch.float64)
     var = 0.5 + 1.5 * torch.rand(WIDTH, generator=gen, dtype=torch.float64)
     scale = gamma / torch.sqrt(var + bn.eps)
     beta = torch.zeros(WIDTH, dtype=torch.float64)
-    shift = scale * _open_shift(w, k, ub_u) + 0.05 * torch.rand(WIDTH, generator=gen,
-                                                                dtype=torch.float64)
-    bound = scale * _reach_abs(w, ub_u) + ub_h0
+    shift = scale * open_shift(full, k, s1.ub) + 0.05 * torch.rand(
+        WIDTH, generator=gen, dtype=torch.float64)
+    bound = scale * reach_abs(full, s1.ub) + s0.ub
     for c, role in enumerate(v_roles):
         if role == "G":
             beta[c] = shift[c]
@@ -424,12 +385,49 @@ def _build_residual(gen: torch.Generator, live_in: list[int]) -> _Built:
         bn.bias.copy_(beta)
         bn.running_mean.zero_()
         bn.running_var.copy_(var)
-    h1_states = ["G" if s in ("skip", "blockout", "both") else "O" if s == "feed" else "Z"
-                 for s in stream]
-    k = _head_kinds(gen, h1_states)
-    _set(model.head, _weights(gen, k, positive=False), torch.zeros(OUT_CHANNELS))
-    kinds["head"] = k
-    return model, kinds, ["conv1"]
+    h1_states = [{"skip": "G", "blockout": "G", "both": "G", "feed": "O", "cancel_a": "C",
+                  "cancel_b": "C"}.get(s, "Z") for s in stream]
+    head_kinds, head_w = head_stage(gen, h1_states, eps=eps, out_channels=OUT_CHANNELS,
+                                    cancel_in=s0.cancel_pairs)
+    _set(model.head, head_w, torch.zeros(OUT_CHANNELS))
+    kinds = {"stem": s0.kinds, "conv1.a": s1.kinds, "conv1.b": s1.kinds.clone(),
+             "conv2": k, "head": head_kinds}
+    gated = [(f"conv1.{p}", "row", g) for g in s1.gates for p in "ab"]
+    gated += [("conv2", "col", g) for g in s1.gates]
+    cancelling = _mirrors_in("stem", s0) + _mirrors_out("head", head_kinds, s0.cancel_pairs)
+    return _Built(model, kinds, ["conv1"], gated, cancelling)
+
+
+def _build_concat(gen: torch.Generator, live_in: list[int], calib: torch.Tensor,
+                  eps: float) -> _Built:
+    """The concat net: a gated channel in the stem, a cancelling pair in branch ``a``."""
+    model = PlantedConcat()
+    x_states, ub = _input_states(live_in)
+    r0 = roles_in_order(gen, [("G", 4), ("gate", 1), ("dead", 2), ("silent", 3), ("orphan", 2)])
+    s0 = build_stage(gen, r0, x_states, ub, eps=eps, calib_in=calib)
+    _set(model.stem, s0.weight, s0.bias)
+    h_states = states(r0)
+    ra = roles_in_order(gen, [("G", 2), ("cancel_a", 1), ("cancel_b", 1), ("dead", 1),
+                              ("orphan", 1)])
+    sa = build_stage(gen, ra, h_states, s0.ub, eps=eps, cover=_live(h_states),
+                     gate_in=s0.gates)
+    _set(model.branch_a, sa.weight, sa.bias)
+    rb = roles_in_order(gen, [("G", 2), ("dead", 1), ("silent", 2), ("orphan", 1)])
+    sb = build_stage(gen, rb, h_states, s0.ub, eps=eps, gate_in=s0.gates)
+    _set(model.branch_b, sb.weight, sb.bias)
+    head_kinds, head_w = head_stage(gen, states(ra) + states(rb), eps=eps,
+                                    out_channels=OUT_CHANNELS, cancel_in=sa.cancel_pairs)
+    _set(model.head, head_w, torch.zeros(OUT_CHANNELS))
+    kinds = {"stem": s0.kinds, "branch_a": sa.kinds, "branch_b": sb.kinds, "head": head_kinds}
+    gated = [("stem", "row", g) for g in s0.gates]
+    gated += [(b, "col", g) for g in s0.gates for b in ("branch_a", "branch_b")]
+    cancelling = _mirrors_in("branch_a", sa) + _mirrors_out("head", head_kinds,
+                                                             sa.cancel_pairs)
+    return _Built(model, kinds, [], gated, cancelling)
+
+
+_BUILDERS = {"sequential": _build_sequential, "residual": _build_residual,
+             "concat": _build_concat}
 
 
 @dataclass
@@ -437,8 +435,9 @@ class PlantedCase:
     """One planted network with its data and known circuit for :data:`TARGET` (``head:0``).
 
     Attributes:
-        architecture: ``"sequential"`` or ``"residual"``.
+        architecture: one of :data:`ARCHITECTURES`.
         seed: the construction seed.
+        eps: the weak-distractor strength.
         model: the network, in eval mode.
         target: the target string (``"head:0"``).
         images: scoring images ``[n, 6, 16, 16]``.
@@ -449,16 +448,22 @@ class PlantedCase:
         kinds: ``{layer: int64 [out, in]}`` kernel kinds (codes of :data:`KIND_NAMES`).
         duplicates: duplicate pairs ``((layer_a, o, i), (layer_b, o, i))`` of ground-truth
             kernels in maxout pieces.
+        cancelling: mirror pairs of cancelling kernels (one kernel into or out of each half
+            of a cancelling pair): removing one matters, removing both does not.
+        gated: ``{layer: bool mask}`` of the ground-truth kernels into and out of the gated
+            channel (open on about :data:`GATE_OPEN` of the images).
+        gate: ``(layer, channel)`` of the gated channel (for maxout, the first piece).
         live_inputs: the input channels that carry data (the others are 0).
 
     Example:
         >>> case = build_planted("sequential", n_images=4)
-        >>> case.model(case.images).shape, len(case.duplicates)
-        (torch.Size([4, 4, 16, 16]), 11)
+        >>> case.model(case.images).shape, len(case.duplicates) > 0, len(case.cancelling) > 0
+        (torch.Size([4, 4, 16, 16]), True, True)
     """
 
     architecture: str
     seed: int
+    eps: float
     model: nn.Module
     target: str
     images: torch.Tensor
@@ -467,7 +472,10 @@ class PlantedCase:
     relevant: dict[str, torch.Tensor]
     ground_truth: dict[str, torch.Tensor]
     kinds: dict[str, torch.Tensor]
-    duplicates: list[tuple[tuple[str, int, int], tuple[str, int, int]]]
+    duplicates: list[tuple[Kernel, Kernel]]
+    cancelling: list[tuple[Kernel, Kernel]]
+    gated: dict[str, torch.Tensor]
+    gate: tuple[str, int]
     live_inputs: list[int]
 
     @property
@@ -485,6 +493,17 @@ class PlantedCase:
         """The keep fraction at which a perfect criterion keeps exactly the ground truth."""
         return self.n_ground_truth / self.n_relevant
 
+    def kind_mask(self, code: int) -> dict[str, torch.Tensor]:
+        """``{layer: bool mask}`` of the relevant kernels of one kind (a :data:`KIND_NAMES`
+        code).
+
+        Example:
+            >>> case = build_planted("concat", n_images=2, eps=0.1)
+            >>> sum(int(m.sum()) for m in case.kind_mask(WEAK).values()) > 0
+            True
+        """
+        return {layer: rel & (self.kinds[layer] == code) for layer, rel in self.relevant.items()}
+
     def composition(self) -> dict[str, int]:
         """Relevant kernels per kind (the names of :data:`KIND_NAMES` except ``irrelevant``).
 
@@ -493,8 +512,8 @@ class PlantedCase:
 
         Example:
             >>> comp = build_planted("sequential", n_images=2).composition()
-            >>> comp["ground_truth"], sum(comp.values())
-            (43, 516)
+            >>> comp["ground_truth"] == build_planted("sequential", n_images=2).n_ground_truth
+            True
         """
         out = {name: 0 for code, name in KIND_NAMES.items() if code != IRRELEVANT}
         for layer, rel in self.relevant.items():
@@ -509,16 +528,22 @@ def build_planted(
     architecture: str,
     seed: int = 0,
     *,
+    eps: float = 0.0,
     n_images: int = 256,
     n_heldout: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> PlantedCase:
     """Build a planted network, its data and its ground-truth circuit (deterministic).
 
+    Builds of one seed with different ``eps`` are the same network except for the weak
+    kernels' weights (``eps`` times the same taps); at ``eps = 0`` there are no weak kernels
+    (their places are zero kernels).
+
     Args:
-        architecture: ``"sequential"`` or ``"residual"`` (see the module docstring).
+        architecture: one of :data:`ARCHITECTURES` (see the module docstring).
         seed: seeds every random choice (roles, weights, silent inputs, data); the global
             torch RNG is left untouched.
+        eps: weak-distractor strength in [0, 1].
         n_images: scoring images.
         n_heldout: held-out images (default ``max(n_images // 2, 2)``).
         dtype: model and data dtype.
@@ -527,7 +552,7 @@ def build_planted(
         A :class:`PlantedCase`.
 
     Raises:
-        PlantedError: unknown architecture or fewer than 2 images.
+        PlantedError: unknown architecture, ``eps`` outside [0, 1] or fewer than 2 images.
 
     Example:
         >>> case = build_planted("residual", seed=1, n_images=8)
@@ -539,15 +564,20 @@ def build_planted(
             f"unknown architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)}")
     if n_images < 2:
         raise PlantedError(f"need at least 2 scoring images, got {n_images}")
+    if not (isinstance(eps, (int, float)) and 0.0 <= eps <= 1.0):
+        raise PlantedError(f"eps must be in [0, 1], got {eps!r}")
     n_heldout = max(n_images // 2, 2) if n_heldout is None else n_heldout
-    gen = torch.Generator().manual_seed(int(seed) * 2 + ARCHITECTURES.index(architecture))
+    gen = torch.Generator().manual_seed(int(seed) * 8 + ARCHITECTURES.index(architecture))
     live = sorted(torch.randperm(IN_CHANNELS, generator=gen)[:LIVE_INPUTS].tolist())
+    calib = planted_images(512, live, generator=gen)
     with torch.random.fork_rng(devices=[]):  # default inits must not move the global RNG
-        build = _build_sequential if architecture == "sequential" else _build_residual
-        model, kinds, maxouts = build(gen, live)
+        built = _BUILDERS[architecture](gen, live, calib, float(eps))
+    kinds = built.kinds
+    if eps == 0:
+        kinds = {n: torch.where(k == WEAK, ZERO, k) for n, k in kinds.items()}
     images = planted_images(n_images, live, generator=gen)
     heldout = planted_images(n_heldout, live, generator=gen)
-    model = model.to(dtype).eval()
+    model = built.model.to(dtype).eval()
     images, heldout = images.to(dtype), heldout.to(dtype)
     graph = ModelGraph.build(model, images[:1])
     target = Target.parse(TARGET).resolve(graph)
@@ -555,11 +585,19 @@ def build_planted(
     ground_truth = {name: rel & (kinds[name] == GROUND_TRUTH) for name, rel in relevant.items()}
     duplicates = [
         ((f"{m}.a", int(o), int(i)), (f"{m}.b", int(o), int(i)))
-        for m in maxouts
+        for m in built.maxouts
         for o, i in torch.nonzero(ground_truth[f"{m}.a"]).tolist()
     ]
+    gated = {name: torch.zeros_like(rel) for name, rel in relevant.items()}
+    for layer, axis, channel in built.gated:
+        if axis == "row":
+            gated[layer][channel] = ground_truth[layer][channel]
+        else:
+            gated[layer][:, channel] = ground_truth[layer][:, channel]
+    gate = next((layer, ch) for layer, axis, ch in built.gated if axis == "row")
     return PlantedCase(
-        architecture=architecture, seed=int(seed), model=model, target=TARGET, images=images,
-        heldout=heldout, graph=graph, relevant=relevant, ground_truth=ground_truth,
-        kinds=kinds, duplicates=duplicates, live_inputs=live,
+        architecture=architecture, seed=int(seed), eps=float(eps), model=model, target=TARGET,
+        images=images, heldout=heldout, graph=graph, relevant=relevant,
+        ground_truth=ground_truth, kinds=kinds, duplicates=duplicates,
+        cancelling=built.cancelling, gated=gated, gate=gate, live_inputs=live,
     )

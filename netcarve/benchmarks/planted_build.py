@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ZERO, GROUND_TRUTH, SILENT_INPUT, DEAD_OUTPUT, UNREACHING, IRRELEVANT, WEAK, CANCELLING = (
     range(8))
@@ -311,3 +312,41 @@ def head_stage(
     w, _ = weights(gen, kinds, roles, positive=False, eps=eps, cancel_in=cancel_in,
                    gate_in=gate_in)
     return kinds, w
+
+
+Kernel = tuple[str, int, int]
+
+
+@dataclass
+class Built:
+    """What a builder returns besides the model's weights."""
+
+    model: nn.Module
+    kinds: dict[str, torch.Tensor]
+    maxouts: list[str]
+    gated: list[tuple[str, str, int]]  # (layer, "row" | "col", channel) of the gated path
+    cancelling: list[tuple[Kernel, Kernel]]
+
+
+def mirrors_in(layer: str, stage: Stage) -> list[tuple[Kernel, Kernel]]:
+    """Kernel pairs into the two halves of a stage's cancelling pair."""
+    return [((layer, a, i), (layer, b, i)) for a, b in stage.cancel_pairs
+            for i in torch.nonzero(stage.kinds[a] == CANCELLING).flatten().tolist()]
+
+
+def mirrors_out(layer: str, kinds: torch.Tensor,
+                 pairs: list[tuple[int, int]]) -> list[tuple[Kernel, Kernel]]:
+    """Kernel pairs out of the two halves of cancelling input pairs."""
+    return [((layer, o, a), (layer, o, b)) for a, b in pairs
+            for o in torch.nonzero(kinds[:, a] == CANCELLING).flatten().tolist()]
+
+
+def input_states(live_in: list[int], channels: int) -> tuple[list[str], torch.Tensor]:
+    """States and bounds of the input channels (live ones in [0, 1], the rest 0)."""
+    st = ["G" if c in live_in else "Z" for c in range(channels)]
+    return st, torch.tensor([1.0 if s == "G" else 0.0 for s in st], dtype=torch.float64)
+
+
+def live_channels(st: list[str]) -> list[int]:
+    """Indices of the live channels of states."""
+    return [i for i, s in enumerate(st) if s == "G"]

@@ -22,10 +22,15 @@ from netcarve.benchmarks.planted_build import (
     UNREACHING,
     WEAK,
     ZERO,
-    Stage,
+    Built,
+    Kernel,
     build_stage,
     fill_kinds,
     head_stage,
+    input_states,
+    live_channels,
+    mirrors_in,
+    mirrors_out,
     open_shift,
     reach_abs,
     roles_in_order,
@@ -271,59 +276,23 @@ def _set(conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor | None) -> None:
             conv.bias.copy_(b if b is not None else torch.zeros(conv.out_channels))
 
 
-Kernel = tuple[str, int, int]
-
-
-@dataclass
-class _Built:
-    """What a builder returns besides the model's weights."""
-
-    model: nn.Module
-    kinds: dict[str, torch.Tensor]
-    maxouts: list[str]
-    gated: list[tuple[str, str, int]]  # (layer, "row" | "col", channel) of the gated path
-    cancelling: list[tuple[Kernel, Kernel]]
-
-
-def _mirrors_in(layer: str, stage: Stage) -> list[tuple[Kernel, Kernel]]:
-    """Kernel pairs into the two halves of a stage's cancelling pair."""
-    return [((layer, a, i), (layer, b, i)) for a, b in stage.cancel_pairs
-            for i in torch.nonzero(stage.kinds[a] == CANCELLING).flatten().tolist()]
-
-
-def _mirrors_out(layer: str, kinds: torch.Tensor,
-                 pairs: list[tuple[int, int]]) -> list[tuple[Kernel, Kernel]]:
-    """Kernel pairs out of the two halves of cancelling input pairs."""
-    return [((layer, o, a), (layer, o, b)) for a, b in pairs
-            for o in torch.nonzero(kinds[:, a] == CANCELLING).flatten().tolist()]
-
-
-def _input_states(live_in: list[int]) -> tuple[list[str], torch.Tensor]:
-    st = ["G" if c in live_in else "Z" for c in range(IN_CHANNELS)]
-    return st, torch.tensor([1.0 if s == "G" else 0.0 for s in st], dtype=torch.float64)
-
-
-def _live(st: list[str]) -> list[int]:
-    return [i for i, s in enumerate(st) if s == "G"]
-
-
 def _build_sequential(gen: torch.Generator, live_in: list[int], calib: torch.Tensor,
-                      eps: float) -> _Built:
+                      eps: float) -> Built:
     """The sequential net: maxout ``conv2``; a gated channel and a cancelling pair in
     ``conv3``, read by the head."""
     model = PlantedSequential()
-    x_states, ub = _input_states(live_in)
+    x_states, ub = input_states(live_in, IN_CHANNELS)
     r1 = roles_in_order(gen, [("G", 4), ("dead", 2), ("silent", 4), ("orphan", 2)])
     s1 = build_stage(gen, r1, x_states, ub, eps=eps, calib_in=calib)
     _set(model.conv1, s1.weight, s1.bias)
     r2 = roles_in_order(gen, [("G", 4), ("dead", 2), ("silent", 4), ("orphan", 2)])
     s2 = build_stage(gen, r2, states(r1), s1.ub, eps=eps, positive=True,
-                     cover=_live(states(r1)), calib_in=s1.calib)
+                     cover=live_channels(states(r1)), calib_in=s1.calib)
     _set(model.conv2.a, s2.weight, s2.bias)
     _set(model.conv2.b, s2.weight, s2.bias)
     r3 = roles_in_order(gen, [("G", 3), ("gate", 1), ("cancel_a", 1), ("cancel_b", 1),
                               ("dead", 2), ("silent", 2), ("orphan", 2)])
-    s3 = build_stage(gen, r3, states(r2), s2.ub, eps=eps, cover=_live(states(r2)),
+    s3 = build_stage(gen, r3, states(r2), s2.ub, eps=eps, cover=live_channels(states(r2)),
                      calib_in=s2.calib)
     _set(model.conv3, s3.weight, s3.bias)
     head_kinds, head_w = head_stage(gen, states(r3), eps=eps, out_channels=OUT_CHANNELS,
@@ -332,16 +301,16 @@ def _build_sequential(gen: torch.Generator, live_in: list[int], calib: torch.Ten
     kinds = {"conv1": s1.kinds, "conv2.a": s2.kinds, "conv2.b": s2.kinds.clone(),
              "conv3": s3.kinds, "head": head_kinds}
     gated = [("conv3", "row", g) for g in s3.gates] + [("head", "col", g) for g in s3.gates]
-    cancelling = _mirrors_in("conv3", s3) + _mirrors_out("head", head_kinds, s3.cancel_pairs)
-    return _Built(model, kinds, ["conv2"], gated, cancelling)
+    cancelling = mirrors_in("conv3", s3) + mirrors_out("head", head_kinds, s3.cancel_pairs)
+    return Built(model, kinds, ["conv2"], gated, cancelling)
 
 
 def _build_residual(gen: torch.Generator, live_in: list[int], calib: torch.Tensor,
-                    eps: float) -> _Built:
+                    eps: float) -> Built:
     """The residual net: a cancelling pair in the stream (skip only), a gated channel in the
     maxout ``conv1``."""
     model = PlantedResidual()
-    x_states, ub_x = _input_states(live_in)
+    x_states, ub_x = input_states(live_in, IN_CHANNELS)
     stream = roles_in_order(gen, [("skip", 2), ("blockout", 2), ("both", 1), ("feed", 2),
                                   ("deadend", 1), ("cancel_a", 1), ("cancel_b", 1),
                                   ("silent", 2)])
@@ -364,7 +333,7 @@ def _build_residual(gen: torch.Generator, live_in: list[int], calib: torch.Tenso
     v_roles = [{"blockout": "G", "both": "G", "feed": "orphan", "deadend": "dead"}.get(
         s, "silent") for s in stream]
     u_states = states(u_roles)
-    k = fill_kinds(gen, v_roles, u_states, cover=_live(u_states))
+    k = fill_kinds(gen, v_roles, u_states, cover=live_channels(u_states))
     w, full = weights(gen, k, v_roles, positive=False, eps=eps, gate_in=s1.gates)
     _set(model.conv2, w, None)
     bn = model.bn2
@@ -394,22 +363,22 @@ def _build_residual(gen: torch.Generator, live_in: list[int], calib: torch.Tenso
              "conv2": k, "head": head_kinds}
     gated = [(f"conv1.{p}", "row", g) for g in s1.gates for p in "ab"]
     gated += [("conv2", "col", g) for g in s1.gates]
-    cancelling = _mirrors_in("stem", s0) + _mirrors_out("head", head_kinds, s0.cancel_pairs)
-    return _Built(model, kinds, ["conv1"], gated, cancelling)
+    cancelling = mirrors_in("stem", s0) + mirrors_out("head", head_kinds, s0.cancel_pairs)
+    return Built(model, kinds, ["conv1"], gated, cancelling)
 
 
 def _build_concat(gen: torch.Generator, live_in: list[int], calib: torch.Tensor,
-                  eps: float) -> _Built:
+                  eps: float) -> Built:
     """The concat net: a gated channel in the stem, a cancelling pair in branch ``a``."""
     model = PlantedConcat()
-    x_states, ub = _input_states(live_in)
+    x_states, ub = input_states(live_in, IN_CHANNELS)
     r0 = roles_in_order(gen, [("G", 4), ("gate", 1), ("dead", 2), ("silent", 3), ("orphan", 2)])
     s0 = build_stage(gen, r0, x_states, ub, eps=eps, calib_in=calib)
     _set(model.stem, s0.weight, s0.bias)
     h_states = states(r0)
     ra = roles_in_order(gen, [("G", 2), ("cancel_a", 1), ("cancel_b", 1), ("dead", 1),
                               ("orphan", 1)])
-    sa = build_stage(gen, ra, h_states, s0.ub, eps=eps, cover=_live(h_states),
+    sa = build_stage(gen, ra, h_states, s0.ub, eps=eps, cover=live_channels(h_states),
                      gate_in=s0.gates)
     _set(model.branch_a, sa.weight, sa.bias)
     rb = roles_in_order(gen, [("G", 2), ("dead", 1), ("silent", 2), ("orphan", 1)])
@@ -421,9 +390,9 @@ def _build_concat(gen: torch.Generator, live_in: list[int], calib: torch.Tensor,
     kinds = {"stem": s0.kinds, "branch_a": sa.kinds, "branch_b": sb.kinds, "head": head_kinds}
     gated = [("stem", "row", g) for g in s0.gates]
     gated += [(b, "col", g) for g in s0.gates for b in ("branch_a", "branch_b")]
-    cancelling = _mirrors_in("branch_a", sa) + _mirrors_out("head", head_kinds,
+    cancelling = mirrors_in("branch_a", sa) + mirrors_out("head", head_kinds,
                                                              sa.cancel_pairs)
-    return _Built(model, kinds, [], gated, cancelling)
+    return Built(model, kinds, [], gated, cancelling)
 
 
 _BUILDERS = {"sequential": _build_sequential, "residual": _build_residual,

@@ -141,8 +141,38 @@ def test_shapes_are_distinct_under_any_rotation():
         ({"n": -1}, "n must be"),
         ({"n": 2, "seed": -3}, "seed must be"),
         ({"n": 2, "size": 4}, "size must be"),
+        ({"n": 2, "task": "hue"}, "unknown task"),
     ],
 )
 def test_invalid_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         make_shapes(**kwargs)
+
+
+def _shape_hue_matches(task: str) -> float:
+    """Fraction of images whose shape pixels' median colour lies in the label's hue bin."""
+    import colorsys
+
+    from netcarve.data.shapes import _render_chunk
+
+    image, coverage, labels = _render_chunk(np.random.default_rng([5, 0]), 256, 32, task)
+    hits = 0
+    for img, cov, lab in zip(image, coverage, labels, strict=True):
+        rgb = np.median(img[:, cov > 0.95], axis=1).clip(0, 1)
+        hue = colorsys.rgb_to_hsv(*rgb)[0]
+        hits += round(hue * 8) % 8 == lab
+    return hits / len(labels)
+
+
+def test_harder_tasks_keep_labels_and_colour_task_labels_the_hue():
+    x_shape, y_shape = make_shapes(64, seed=4)
+    x_clutter, y_clutter = make_shapes(64, seed=4, task="clutter")
+    x_colour, y_colour = make_shapes(64, seed=4, task="colour")
+    assert torch.equal(y_shape, y_clutter) and torch.equal(y_shape, y_colour)
+    assert not torch.equal(x_shape, x_clutter) and not torch.equal(x_clutter, x_colour)
+    a, _ = make_shapes(8, seed=4, task="clutter")
+    assert torch.equal(a, x_clutter[:8])  # deterministic, prefix independent of n
+    # the shape's own pixels carry the label's hue in the colour task (the occluding bar
+    # and noise leave most of them alone), and only by chance (1/8) in the clutter task
+    assert _shape_hue_matches("colour") > 0.8
+    assert _shape_hue_matches("clutter") < 0.3

@@ -18,7 +18,7 @@ def test_quick_demo_writes_every_section_and_linked_file(tmp_path: Path):
     assert index == tmp_path / "demo" / "index.html"
     assert [m[:5] for m in messages[:7]] == [f"[{i}/7]" for i in range(1, 8)]
     page = index.read_text()
-    for heading in ("Model zoo", "Circuit of fmnist_vgg unit features.11:5",
+    for heading in ("Model zoo", "Circuit of fmnist_vgg unit features.11:8",
                     "Sub-feature circuits", "Criteria sweep",
                     "Class-wise CAR of fmnist_vgg features.7",
                     "Atlas of fmnist_vgg features.11 (4 units)", "Time per step"):

@@ -230,9 +230,19 @@ def test_car_quick_writes_curves_half_table_and_colour(car_run):
         assert r["unpruned"] > 0.85
         assert r["pruned"] == r["filters"] // 2
         assert r["car"] >= r["random"] - 0.05  # CAR is not worse than a random order
-    for r in summary["colour"]["rows"]:
-        assert 0 <= r["pruned_fraction"] <= 1 and 0 <= r["p_value"] <= 1
-        assert r["k"] == 20 and r["pruned_colour"] + r["kept_colour"] <= 48
+    assert summary["colour"]["model"] == "shapes_clutter_cnn"
+    assert summary["colour_control"]["model"] == "shapes_colour_cnn"
+    assert _is_png(out / "colour_control.png") and "where colour is the label" in text
+    for res in (summary["colour"], summary["colour_control"]):
+        assert 0 <= res["grey_accuracy"] <= res["test_accuracy"] + 0.05
+        assert {r["order"] for r in res["rows"]} == {"greedy CAR", "one-shot CAR", "L1"}
+        for r in res["rows"]:
+            assert 0 <= r["pruned_fraction"] <= 1 and 0 <= r["p_value"] <= 1
+            assert r["k"] == 20 and r["pruned_colour"] + r["kept_colour"] <= 48
+            for key in ("p_perm_more", "p_perm_less", "p_index_more", "p_index_less"):
+                assert 1 / 1001 <= r[key] <= 1
+            # the two one-sided p-values cover every relabelling at least once between them
+            assert r["p_perm_more"] + r["p_perm_less"] >= 1
     assert len(_rows(out / "greedy_order.csv")) == sum(r["pruned"] for r in table
                                                         if not r["finetuned"])
 

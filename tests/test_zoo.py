@@ -15,11 +15,15 @@ from netcarve.zoo import ZOO, load_model
 from netcarve.zoo.small_models import FmnistResNet, FmnistVGG, ShapesCNN
 
 BUNDLED = [name for name, entry in ZOO.items() if entry.bundled]
-BARS = {"fmnist_vgg": 0.91, "fmnist_resnet": 0.91, "shapes_cnn": 0.95}
+# shapes_clutter_cnn is trained short of saturation on purpose (the colour experiment needs
+# CAR to be informative): its bar is a range, not a floor.
+BARS = {"fmnist_vgg": 0.91, "fmnist_resnet": 0.91, "shapes_cnn": 0.95,
+        "shapes_clutter_cnn": 0.80, "shapes_colour_cnn": 0.90}
 
 
-def test_bundled_models_are_the_three_small_ones():
-    assert sorted(BUNDLED) == ["fmnist_resnet", "fmnist_vgg", "shapes_cnn"]
+def test_bundled_models_are_the_small_ones():
+    assert sorted(BUNDLED) == ["fmnist_resnet", "fmnist_vgg", "shapes_clutter_cnn",
+                               "shapes_cnn", "shapes_colour_cnn"]
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -40,6 +44,8 @@ def test_bundled_checkpoint_accuracy_on_full_real_test_set(name):
     assert len(x) == 10_000
     result = evaluate(lm.model, x, y, lm.preset)
     assert result.accuracy >= BARS[name]
+    if name == "shapes_clutter_cnn":
+        assert result.accuracy <= 0.95
     # The number recorded at training time is the number we measure now.
     assert abs(result.accuracy - float(lm.metadata["test_accuracy"])) < 1e-3
 

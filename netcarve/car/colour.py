@@ -292,24 +292,31 @@ def colour_selectivity(
     return ColourReport(layer, w_index, r_index, chosen, threshold)
 
 
-def colour_vs_pruning(report: ColourReport, order: Sequence[int], k: int = 20,
-                      ) -> dict[str, Any]:
+def colour_vs_pruning(report: ColourReport, order: Sequence[int], k: int = 20, *,
+                      permutations: int = 10_000, seed: int = 0) -> dict[str, Any]:
     """Colour-selective fraction among the first ``k`` pruned filters vs the kept ones.
 
     Args:
         report: the layer's :class:`ColourReport`.
         order: filters of that layer in pruning order (at least ``k``).
         k: how many first-pruned filters to look at.
+        permutations: random relabellings for the permutation p-values (0: none).
+        seed: seeds the relabellings.
 
     Returns:
         ``{"k", "pruned_colour", "pruned_fraction", "kept_colour", "kept", "kept_fraction",
-        "all_fraction", "p_value", "pruned_mean_index", "kept_mean_index", ...}``;
-        ``p_value`` is the hypergeometric probability that ``k`` filters drawn at random
-        include at least ``pruned_colour`` colour-selective ones; the mean indices compare the
-        two groups without a threshold.
+        "all_fraction", "p_value", "pruned_mean_index", "kept_mean_index", "p_perm_more",
+        "p_perm_less", "p_index_more", "p_index_less", ...}``; ``p_value`` is the
+        hypergeometric probability that ``k`` filters drawn at random include at least
+        ``pruned_colour`` colour-selective ones. The permutation p-values draw ``k`` filters
+        at random ``permutations`` times and count how often the difference (first-pruned
+        minus kept) of the colour-selective fraction (``p_perm_*``) or of the mean index
+        (``p_index_*``) is at least (``more``: CAR prunes colour filters first) or at most
+        (``less``: CAR keeps them) the observed one, as ``(1 + count) / (1 + permutations)``.
 
     Raises:
-        AblationError: fewer than ``k`` filters in ``order``.
+        AblationError: fewer than ``k`` filters in ``order``, or ``k`` not below the layer's
+            filter count.
 
     Example:
         >>> colour_vs_pruning(rep, greedy.removed("features.0"), k=20)  # doctest: +SKIP
@@ -318,16 +325,49 @@ def colour_vs_pruning(report: ColourReport, order: Sequence[int], k: int = 20,
         raise AblationError(f"the order has {len(order)} filters, fewer than k={k}")
     sel = report.selective
     n = len(sel)
+    if not 0 < k < n:
+        raise AblationError(f"k must lie in 1..{n - 1} for a layer of {n} filters, got {k}")
     first = [int(f) for f in order[:k]]
     kept = [f for f in range(n) if f not in set(first)]
     colour_total = int(sel.sum())
     hits = sum(bool(sel[f]) for f in first)
     p = sum(math.comb(colour_total, i) * math.comb(n - colour_total, k - i)
             for i in range(hits, min(k, colour_total) + 1)) / math.comb(n, k)
-    index = report.index
-    return {"k": k, "pruned_colour": hits, "pruned_fraction": hits / k if k else math.nan,
-            "kept": len(kept), "kept_colour": sum(bool(sel[f]) for f in kept),
-            "kept_fraction": report.fraction(kept), "all_fraction": colour_total / n,
-            "p_value": p, "by": report.by, "threshold": report.threshold,
-            "pruned_mean_index": float(index[first].mean()) if first else math.nan,
-            "kept_mean_index": float(index[kept].mean()) if kept else math.nan}
+    index = report.index.double()
+    out = {"k": k, "pruned_colour": hits, "pruned_fraction": hits / k,
+           "kept": len(kept), "kept_colour": sum(bool(sel[f]) for f in kept),
+           "kept_fraction": report.fraction(kept), "all_fraction": colour_total / n,
+           "p_value": p, "by": report.by, "threshold": report.threshold,
+           "pruned_mean_index": float(index[first].mean()),
+           "kept_mean_index": float(index[kept].mean()), "permutations": permutations}
+    out.update(_permutation_p(sel.double(), index, first, permutations, seed))
+    return out
+
+
+def _permutation_p(sel: torch.Tensor, index: torch.Tensor, first: list[int],
+                   permutations: int, seed: int) -> dict[str, float]:
+    """One-sided permutation p-values of the first-pruned minus kept differences."""
+    if permutations < 1:
+        return {"p_perm_more": math.nan, "p_perm_less": math.nan,
+                "p_index_more": math.nan, "p_index_less": math.nan}
+    n, k = len(sel), len(first)
+    gen = torch.Generator().manual_seed(int(seed))
+    draws = torch.rand(permutations, n, generator=gen).argsort(dim=1)[:, :k]
+    picked = torch.zeros(permutations, n, dtype=torch.bool)
+    picked.scatter_(1, draws, True)
+
+    def diff(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        inside = (values * mask).sum(-1) / k
+        outside = (values * ~mask).sum(-1) / (n - k)
+        return inside - outside
+
+    observed = torch.zeros(n, dtype=torch.bool)
+    observed[first] = True
+    tol = 1e-12  # equal differences (ties) count on both sides
+    result = {}
+    for name, values in (("perm", sel), ("index", index)):
+        obs = diff(values, observed)
+        null = diff(values, picked)
+        result[f"p_{name}_more"] = float((1 + (null >= obs - tol).sum()) / (1 + permutations))
+        result[f"p_{name}_less"] = float((1 + (null <= obs + tol).sum()) / (1 + permutations))
+    return result

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["SHAPES_MEAN", "SHAPES_STD", "SHAPE_CLASSES", "make_shapes"]
+__all__ = ["HUE_CLASSES", "SHAPES_MEAN", "SHAPES_STD", "SHAPE_CLASSES", "SHAPE_TASKS",
+           "make_shapes"]
 
 SHAPE_CLASSES: tuple[str, ...] = (
     "circle",
@@ -29,6 +30,15 @@ SHAPE_CLASSES: tuple[str, ...] = (
     "crescent",
     "heart",
 )
+
+#: Classes of the ``"colour"`` task: the shape's hue, in eight 45° bins centred on 0°, 45°, ...
+HUE_CLASSES: tuple[str, ...] = (
+    "red", "orange", "chartreuse", "spring-green", "cyan", "azure", "violet", "rose",
+)
+
+SHAPE_TASKS: tuple[str, ...] = ("shape", "clutter", "colour")
+"""Tasks of :func:`make_shapes`: ``shape`` (the original, easy), ``clutter`` (the same classes
+on harder images) and ``colour`` (the clutter images, labelled by the shape's hue)."""
 
 #: Per-channel (R, G, B) mean of :func:`make_shapes` pixels scaled to [0, 1], measured on
 #: 20,000 images at 32×32 (seed 0). Use with ``SHAPES_STD`` to build a ``Preset``.
@@ -49,6 +59,16 @@ _INSIDE_MARGIN = 0.85  # centres keep 85% of the scale inside the frame: shapes 
 _MIN_VALUE_CONTRAST = 0.4
 _BG_SHIFT = (0.08, 0.2, 0.1)  # max hue, saturation, value change across the background
 _NOISE_RANGE = (0.01, 0.06)  # per-pixel Gaussian noise sigma, in [0, 1] pixel units
+
+# The harder images of the "clutter" and "colour" tasks: smaller shapes, less contrast, more
+# noise, small distractor discs and an occluding bar.
+_HARD_RADIUS_RANGE = (0.35, 0.6)  # about 5.5 to 9.5 pixels across at 32x32
+_HARD_MIN_CONTRAST = 0.3
+_HARD_NOISE_RANGE = (0.03, 0.1)
+_CLUTTER_DISCS = 4  # per image, each present with chance 0.75
+_CLUTTER_RADIUS = (0.06, 0.16)  # image half-units: well below the smallest shape
+_P_OCCLUDER = 0.5  # chance of a bar across the shape
+_HUE_JITTER = 0.3  # colour task: hue within +-30% of a bin's width around its centre
 
 _Sdf = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -168,16 +188,47 @@ def _texture(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
     return field
 
 
-def _contrasting_value(rng: np.random.Generator, v_bg: np.ndarray) -> np.ndarray:
-    """A value in [0, 1] at least ``_MIN_VALUE_CONTRAST`` away from ``v_bg``, uniformly."""
-    below = np.maximum(v_bg - _MIN_VALUE_CONTRAST, 0.0)
-    above = np.maximum(1.0 - (v_bg + _MIN_VALUE_CONTRAST), 0.0)
+def _contrasting_value(rng: np.random.Generator, v_bg: np.ndarray,
+                       contrast: float = _MIN_VALUE_CONTRAST) -> np.ndarray:
+    """A value in [0, 1] at least ``contrast`` away from ``v_bg``, uniformly."""
+    below = np.maximum(v_bg - contrast, 0.0)
+    above = np.maximum(1.0 - (v_bg + contrast), 0.0)
     u = rng.random(v_bg.shape) * (below + above)
-    return np.where(u < below, u, v_bg + _MIN_VALUE_CONTRAST + (u - below))
+    return np.where(u < below, u, v_bg + contrast + (u - below))
+
+
+def _clutter(rng: np.random.Generator, image: np.ndarray, alpha: np.ndarray,
+             size: int) -> np.ndarray:
+    """Paint the harder tasks' extras onto ``image [n, 3, s, s]`` (shape coverage ``alpha
+    [n, 1, s, s]``): small random-colour discs under the shape, then a bar of random colour
+    across it on some images (an occluder). Returns the new image."""
+    n = image.shape[0]
+    axis = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0)
+    gx, gy = axis[None, None, :], axis[None, :, None]
+    for _ in range(_CLUTTER_DISCS):
+        present = rng.random(n) < 0.75
+        r = rng.uniform(*_CLUTTER_RADIUS, size=n).astype(np.float32)[:, None, None]
+        cx = rng.uniform(-0.9, 0.9, size=n).astype(np.float32)[:, None, None]
+        cy = rng.uniform(-0.9, 0.9, size=n).astype(np.float32)[:, None, None]
+        colour = _hsv_to_rgb(rng.random(n), rng.uniform(0, 1, n), rng.uniform(0, 1, n))
+        dist = (np.hypot(gx - cx, gy - cy) - r) * (size / 2.0)
+        cover = np.clip(0.5 - dist, 0.0, 1.0)[:, None] * (1.0 - alpha)
+        cover *= present[:, None, None, None]
+        image = image + (colour.astype(np.float32)[:, :, None, None] - image) * cover
+    present = rng.random(n) < _P_OCCLUDER
+    angle = rng.uniform(0.0, np.pi, size=n).astype(np.float32)[:, None, None]
+    offset = rng.uniform(-0.15, 0.15, size=n).astype(np.float32)[:, None, None]
+    half = rng.uniform(0.04, 0.07, size=n).astype(np.float32)[:, None, None]
+    colour = _hsv_to_rgb(rng.random(n), rng.uniform(0, 1, n), rng.uniform(0, 1, n))
+    # the bar passes near the image centre region where the shape's own centre is drawn
+    across = np.abs(np.cos(angle) * gy - np.sin(angle) * gx - offset) - half
+    cover = np.clip(0.5 - across * (size / 2.0), 0.0, 1.0)[:, None]
+    cover *= present[:, None, None, None]
+    return image + (colour.astype(np.float32)[:, :, None, None] - image) * cover
 
 
 def _render_chunk(
-    rng: np.random.Generator, count: int, size: int
+    rng: np.random.Generator, count: int, size: int, task: str = "shape"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render ``count`` images; returns float RGB ``[n, 3, s, s]`` in [0, 1], coverage, labels.
 
@@ -185,8 +236,10 @@ def _render_chunk(
     seed gives the same shapes, colours and poses at every ``size``.
     """
     k = len(SHAPE_CLASSES)
+    hard = task != "shape"
     labels = rng.permutation(np.arange(count) % k)  # exactly balanced per full chunk
-    radius = rng.uniform(*_RADIUS_RANGE, size=count)
+    shapes = rng.permutation(np.arange(count) % k) if task == "colour" else labels
+    radius = rng.uniform(*(_HARD_RADIUS_RANGE if hard else _RADIUS_RANGE), size=count)
     reach = 1.0 - _INSIDE_MARGIN * radius
     cx = rng.uniform(-reach, reach)
     cy = rng.uniform(-reach, reach)
@@ -197,14 +250,20 @@ def _render_chunk(
     bg_v = rng.uniform(0.05, 0.95, size=count)
     fg_h = rng.random(count)
     fg_s = rng.uniform(0.35, 1.0, size=count)
-    fg_v = _contrasting_value(rng, bg_v)
+    fg_v = _contrasting_value(rng, bg_v, _HARD_MIN_CONTRAST if hard else _MIN_VALUE_CONTRAST)
+    if task == "colour":  # the label is the hue bin: a bright, saturated hue near its centre
+        fg_h = (labels + rng.uniform(-_HUE_JITTER, _HUE_JITTER, size=count)) / k % 1.0
+        fg_s = rng.uniform(0.6, 1.0, size=count)
+        fg_v = rng.uniform(0.6, 1.0, size=count)
+        bg_v = _contrasting_value(rng, fg_v, _HARD_MIN_CONTRAST)
     shift = rng.uniform(-1.0, 1.0, size=(3, count)) * np.array(_BG_SHIFT)[:, None]
     # The second background colour moves value away from the shape, keeping the contrast.
     away = np.where(fg_v > bg_v, -1.0, 1.0)
     bg2_h = (bg_h + shift[0]) % 1.0
     bg2_s = np.clip(bg_s + shift[1], 0.0, 1.0)
     bg2_v = np.clip(bg_v + away * np.abs(shift[2]), 0.0, 1.0)
-    sigma = rng.uniform(*_NOISE_RANGE, size=count).astype(np.float32)
+    sigma = rng.uniform(*(_HARD_NOISE_RANGE if hard else _NOISE_RANGE),
+                        size=count).astype(np.float32)
 
     # Pixel centres in half-image units; y grows downwards like image rows.
     axis = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0)[None, None, :]
@@ -218,7 +277,7 @@ def _render_chunk(
 
     sdf = np.empty((count, size, size), dtype=np.float32)
     for cls, shape_sdf in enumerate(_SDFS):
-        idx = np.flatnonzero(labels == cls)
+        idx = np.flatnonzero(shapes == cls)
         if idx.size:
             sdf[idx] = shape_sdf(px[idx], py[idx])
     # Local distance * radius = image units; * size/2 = pixels. A 1-pixel ramp anti-aliases.
@@ -232,12 +291,23 @@ def _render_chunk(
     background = bg1 + (bg2 - bg1) * field
     alpha = coverage[:, None]
     image = background + (fg - background) * alpha
+    if hard:
+        image = _clutter(rng, image, alpha, size)
     image += rng.standard_normal(image.shape, dtype=np.float32) * sigma[:, None, None, None]
     return image, coverage, labels
 
 
-def make_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def make_shapes(n: int, seed: int = 0, size: int = 32,
+                task: str = "shape") -> tuple[torch.Tensor, torch.Tensor]:
     """Generate ``n`` coloured-shape images, deterministically from ``seed``.
+
+    ``task="shape"`` (the default) is described below. ``"clutter"`` keeps its classes but
+    makes the images harder: smaller shapes (about 5.5–9.5 pixels across at 32×32), a value
+    contrast of only 0.3, noise sigma 0.03–0.1, up to four small random-colour discs and, on
+    half of the images, a bar of random colour across the middle that can occlude the shape;
+    colour is still independent of the label. ``"colour"`` renders the same kind of images but the
+    label is the shape's hue bin (:data:`HUE_CLASSES`, eight 45° bins, hue within ±30% of a
+    bin's width of its centre, saturation and value 0.6–1) and the shape is random.
 
     The class (index into :data:`SHAPE_CLASSES`) is the shape only; the shape's hue,
     saturation and value, its size, position (mostly inside the frame) and rotation, and
@@ -250,12 +320,14 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, to
         n: number of images (0 allowed).
         seed: non-negative integer seed.
         size: image side in pixels (at least 8).
+        task: one of :data:`SHAPE_TASKS`.
 
     Returns:
         ``(images, labels)``: ``uint8 [n, 3, size, size]`` and ``int64 [n]``.
 
     Raises:
-        ValueError: if ``n`` or ``seed`` is negative, or ``size`` is below 8.
+        ValueError: if ``n`` or ``seed`` is negative, ``size`` is below 8 or ``task``
+            unknown.
 
     Example:
         >>> images, labels = make_shapes(4, seed=1)
@@ -269,6 +341,8 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, to
         raise ValueError(f"seed must be >= 0, got {seed}")
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
+    if task not in SHAPE_TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(SHAPE_TASKS)}")
 
     images = np.empty((n, 3, size, size), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
@@ -277,7 +351,7 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, to
         rng = np.random.default_rng([seed, chunk])
         # Always render a full chunk so the random streams (and hence images) of a
         # chunk do not depend on how many of its images were asked for.
-        rendered, _, chunk_labels = _render_chunk(rng, _CHUNK, size)
+        rendered, _, chunk_labels = _render_chunk(rng, _CHUNK, size, task)
         keep = stop - start
         np.clip(rendered[:keep] * 255.0 + 0.5, 0.0, 255.0, out=rendered[:keep])
         images[start:stop] = rendered[:keep]

@@ -11,12 +11,15 @@ Two experiments from the CAR papers, on the bundled models:
    method's physically pruned model is fine-tuned with the same recipe and seed and evaluated
    again. The paper: pruning half the filters of AlexNet layer 1 or 2 kept 26% / 20% more
    accuracy than the best benchmark scheme.
-2. **Colour vs shape** (``shapes_cnn``, whose class is the shape only). A colour-selectivity
-   index for each first-layer filter (weight index: share of the kernel's energy off the
-   luminance axis; response index: how much its response changes when the image turns grey),
-   and the colour-selective fraction among the first 20 filters pruned by greedy CAR vs the
-   kept ones (also for one-shot CAR and L1). The paper: of AlexNet's top-20 CAR-pruned filters,
-   17 (layer 1) and 14 (layer 2) were colour-selective.
+2. **Colour vs shape** (``shapes_clutter_cnn``: cluttered, occluded, low-contrast shapes whose
+   class is the shape only, a narrower network short of saturation; and the control
+   ``shapes_colour_cnn``: the same network on the same kind of images, labelled by the shape's
+   hue). A colour-selectivity index for each first-layer filter (weight index: share of the
+   kernel's energy off the luminance axis; response index: how much its response changes when
+   the image turns grey), and the colour-selective fraction among the first 20 filters pruned
+   by greedy CAR vs the kept ones (also for one-shot CAR and L1), with hypergeometric and
+   permutation p-values. The paper: of AlexNet's top-20 CAR-pruned filters, 17 (layer 1) and
+   14 (layer 2) were colour-selective.
 
 :func:`car_vs_baselines` and :func:`colour_vs_shape` are reusable on their own
 (``bench/quality_car.py`` calls them); :func:`run_car` runs both and writes the report.
@@ -80,7 +83,9 @@ class CarSettings:
         finetune_images: train images per fine-tuning epoch.
         lr: fine-tuning learning rate.
         colour_model / colour_layer: the colour-vs-shape model and layer.
+        colour_control_model: the control whose label is the colour (None: no control).
         colour_scoring_images: random train images of the colour model for CAR.
+        colour_permutations: random relabellings for the permutation p-values.
         colour_images: test images for the response colour index.
         colour_k: first-pruned filters looked at.
         colour_threshold: a filter is colour-selective when its index exceeds this.
@@ -97,10 +102,12 @@ class CarSettings:
     finetune_epochs: int = 1
     finetune_images: int = 5000
     lr: float = 0.01
-    colour_model: str = "shapes_cnn"
+    colour_model: str = "shapes_clutter_cnn"
+    colour_control_model: str | None = "shapes_colour_cnn"
     colour_layer: str = "features.0"
-    colour_scoring_images: int = 250
+    colour_scoring_images: int = 2000
     colour_images: int = 500
+    colour_permutations: int = 10_000
     colour_k: int = 20
     colour_threshold: float = 0.5
     batch_size: int = 100
@@ -109,14 +116,15 @@ class CarSettings:
     def quick(cls) -> CarSettings:
         """Smoke-test settings: lazy greedy CAR on few images, short fine-tuning."""
         return cls(points=3, scoring_images=48, eval_images=300, greedy_mode="lazy",
-                   finetune_images=128, colour_scoring_images=48, colour_images=64)
+                   finetune_images=128, colour_scoring_images=48, colour_images=64,
+                   colour_permutations=1000)
 
     def check(self) -> None:
         """Raise :class:`ReproduceError` for settings that cannot run."""
         from netcarve.zoo import ZOO
 
-        for name in (self.model, self.colour_model):
-            if name not in ZOO:
+        for name in (self.model, self.colour_model, self.colour_control_model):
+            if name is not None and name not in ZOO:
                 raise ReproduceError(f"unknown model {name!r}; bundled: {', '.join(ZOO)}")
         if not self.layers:
             raise ReproduceError("give at least one layer")
@@ -261,32 +269,35 @@ def half_table_markdown(rows: list[dict[str, Any]], finetuned: bool) -> str:
 
 
 def colour_vs_shape(settings: CarSettings, seed: int = 0,
-                    log: Logger | None = None) -> dict[str, Any]:
+                    log: Logger | None = None, model: str | None = None) -> dict[str, Any]:
     """Colour-selective fraction among the first CAR-pruned filters vs the kept ones.
 
     Args:
         settings: the experiment settings (colour model, layer, data sizes, k, threshold).
-        seed: seeds the scoring-image draw.
+        seed: seeds the scoring-image draw and the permutations.
         log: progress messages.
+        model: the model (default ``settings.colour_model``; the control passes its own).
 
     Returns:
         ``{"rows": [...], "orders": {...}, "weight_index": [...], "response_index": [...],
-        ...}``; one row per (order, index): the output of
-        :func:`netcarve.car.colour.colour_vs_pruning` plus ``order``.
+        "test_accuracy", "grey_accuracy", ...}``; one row per (order, index): the output of
+        :func:`netcarve.car.colour.colour_vs_pruning` plus ``model`` and ``order``;
+        ``grey_accuracy`` is the accuracy on the same test images turned grey.
 
     Example:
         >>> res = colour_vs_shape(CarSettings.quick())  # doctest: +SKIP
     """
     from netcarve.car.baselines import baseline_order, baseline_scores
-    from netcarve.car.colour import colour_selectivity, colour_vs_pruning
+    from netcarve.car.colour import colour_selectivity, colour_vs_pruning, grey_images
     from netcarve.car.greedy import greedy_prune
     from netcarve.car.scores import car_scores
-    from netcarve.training.evaluation import reference_data
+    from netcarve.training.evaluation import evaluate, reference_data
     from netcarve.zoo import load_model
 
     settings.check()
     log = log or quiet()
-    lm = load_model(settings.colour_model)
+    name = model or settings.colour_model
+    lm = load_model(name)
     layer = settings.colour_layer
     n = lm.model.get_submodule(layer).out_channels
     if settings.colour_k >= n:
@@ -301,16 +312,22 @@ def colour_vs_shape(settings: CarSettings, seed: int = 0,
                      mode=settings.greedy_mode, preset=lm.preset,
                      batch_size=settings.batch_size)
     greedy_s = time.perf_counter() - start
-    log(f"greedy CAR on {settings.colour_model} {layer}: {greedy_s:.0f} s")
+    log(f"greedy CAR on {name} {layer}: {greedy_s:.0f} s")
     one = car_scores(lm.model, xs, ys, layer, preset=lm.preset,
                      batch_size=settings.batch_size).layers[layer]
     orders = {"greedy CAR": g.removed(layer), "one-shot CAR": one.ranking(),
               "L1": baseline_order(baseline_scores(lm.model, layer, "l1"))}
-    rows = [{"order": name, **colour_vs_pruning(rep, order, settings.colour_k)}
-            for name, order in orders.items() for rep in reps.values()]
+    rows = [{"model": name, "order": label,
+             **colour_vs_pruning(rep, order, settings.colour_k,
+                                 permutations=settings.colour_permutations, seed=seed)}
+            for label, order in orders.items() for rep in reps.values()]
     corr = torch.corrcoef(torch.stack([reps["weight"].index, reps["response"].index,
                                        one.car, one.loss_car]))
-    return {"model": settings.colour_model, "layer": layer, "filters": n, "rows": rows,
+    yc = reference_data(lm.preset, "test", settings.colour_images)[1]
+    acc = evaluate(lm.model, xc, yc, lm.preset, progress=False).accuracy
+    grey = evaluate(lm.model, grey_images(xc), yc, lm.preset, progress=False).accuracy
+    return {"model": name, "layer": layer, "filters": n, "rows": rows,
+            "test_accuracy": acc, "grey_accuracy": grey,
             "orders": orders, "k": settings.colour_k, "greedy_seconds": greedy_s,
             "scoring_accuracy": g.base_accuracy, "n_scoring": len(ys),
             "n_colour_images": len(xc), "zero_car_filters": int((one.car == 0).sum()),
@@ -324,14 +341,18 @@ def colour_vs_shape(settings: CarSettings, seed: int = 0,
 def colour_markdown(res: dict[str, Any]) -> str:
     """The colour-vs-pruning rows of :func:`colour_vs_shape` as a Markdown table."""
     lines = ["| order | index (threshold) | colour-selective among first pruned | among kept | "
-             "all filters | p (≥ by chance) | mean index first pruned / kept |",
-             "|---|---|---|---|---|---|---|"]
+             "all filters | p hypergeometric (≥) | p permutation: more / fewer colour "
+             "filters pruned | mean index first pruned / kept | p permutation on the mean: "
+             "higher / lower |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(
             f"| {r['order']} | {r['by']} (> {r['threshold']:g}) | {r['pruned_colour']}/{r['k']} "
             f"= {r['pruned_fraction']:.2f} | {r['kept_colour']}/{r['kept']} = "
             f"{r['kept_fraction']:.2f} | {r['all_fraction']:.2f} | {r['p_value']:.3f} | "
-            f"{r['pruned_mean_index']:.3f} / {r['kept_mean_index']:.3f} |")
+            f"{r['p_perm_more']:.4f} / {r['p_perm_less']:.4f} | "
+            f"{r['pruned_mean_index']:.3f} / {r['kept_mean_index']:.3f} | "
+            f"{r['p_index_more']:.4f} / {r['p_index_less']:.4f} |")
     return "\n".join(lines)
 
 
@@ -397,28 +418,36 @@ def run_car(
     with run_context(seed, threads):
         curves = car_vs_baselines(settings, seed, log)
         colour = colour_vs_shape(settings, seed, log)
+        control = (colour_vs_shape(settings, seed, log, model=settings.colour_control_model)
+                   if settings.colour_control_model else None)
     curves["curves"].save(out / "curves")
     write_rows(out / "half_table.csv", curves["table"])
     write_rows(out / "greedy_order.csv", [
         {"layer": layer, "step": i + 1, "filter": f}
         for layer, info in curves["greedy"].items() for i, f in enumerate(info["order"])])
     colour["reports"]["weight"].save(out / "colour_index.csv")
-    write_rows(out / "colour_vs_pruning.csv", colour["rows"])
+    write_rows(out / "colour_vs_pruning.csv",
+               colour["rows"] + (control["rows"] if control else []))
     _plot_colour(colour, out / "colour.png")
-    _write_report(rep, settings, curves, colour)
+    if control:
+        control["reports"]["weight"].save(out / "colour_index_control.csv")
+        _plot_colour(control, out / "colour_control.png")
+    _write_report(rep, settings, curves, colour, control)
     summary = {
         "settings": asdict(settings),
         "half_table": curves["table"],
         "greedy": {k: {kk: vv for kk, vv in v.items() if kk != "order"}
                    for k, v in curves["greedy"].items()},
         "colour": {k: v for k, v in colour.items() if k not in ("reports",)},
+        "colour_control": (None if control is None else
+                           {k: v for k, v in control.items() if k not in ("reports",)}),
     }
     path = rep.write(out, summary)
     return {"report": str(path), **summary}
 
 
 def _write_report(rep: Report, settings: CarSettings, curves: dict[str, Any],
-                  colour: dict[str, Any]) -> None:
+                  colour: dict[str, Any], control: dict[str, Any] | None) -> None:
     from netcarve.car.baselines import BASELINES
 
     rep.p("CAR (classification accuracy reduction): a filter's importance is the drop in "
@@ -464,8 +493,12 @@ def _write_report(rep: Report, settings: CarSettings, curves: dict[str, Any],
     rep.bullets(greedy_lines)
     rep.h2(f"2. Colour vs shape on {colour['model']} {colour['layer']}")
     rep.bullets([
-        f"{colour['model']} classifies coloured shapes by shape only (colour is random), so "
-        "colour filters are useless for the task by construction.",
+        f"{colour['model']} classifies cluttered shapes by shape only (small, low-contrast "
+        "shapes among random-colour discs, half of them crossed by a random-colour bar; colour "
+        "is random), so colour filters are useless for the task by construction. It is a "
+        "narrower network trained short of saturation: test accuracy "
+        f"{colour['test_accuracy']:.4f} on {colour['n_colour_images']} test images, "
+        f"{colour['grey_accuracy']:.4f} on the same images turned grey.",
         f"Colour index per filter of {colour['layer']} ({colour['filters']} filters): weight "
         "index (share of the kernel's energy off the luminance axis, in pixel space) and "
         f"response index (response change when {colour['n_colour_images']} test images are "
@@ -473,22 +506,48 @@ def _write_report(rep: Report, settings: CarSettings, curves: dict[str, Any],
         f"Orders: {settings.greedy_mode} greedy CAR ({colour['k']} filters, "
         f"{colour['n_scoring']} random train images, {colour['greedy_seconds']:.0f} s), "
         "one-shot CAR ranking, weight L1.",
-        "p = hypergeometric probability that the first k filters of a random order hold at "
-        "least as many colour-selective filters.",
+        "p hypergeometric = probability that the first k filters of a random order hold at "
+        "least as many colour-selective filters; permutation p-values "
+        f"({settings.colour_permutations:,} random k-subsets) for the first-pruned minus kept "
+        "difference of the colour-selective fraction and of the mean index, one-sided each "
+        "way ((1 + count) / (1 + permutations)).",
         f"Paper (AlexNet): {PAPER_COLOUR['layer 1'][0]}/20 (layer 1) and "
         f"{PAPER_COLOUR['layer 2'][0]}/20 (layer 2) of the top-20 CAR-pruned filters were "
         "colour-selective.",
     ])
     rep.body += [colour_markdown(colour), ""]
-    rep.p(f"Scoring-image accuracy of the unpruned model: {colour['scoring_accuracy']:.4f}; "
-          f"{colour['zero_car_filters']} of {colour['filters']} filters have top-1 CAR 0 (the "
-          "loss breaks those ties). Correlation of the loss CAR with the weight index "
-          f"{colour['corr_weight_index_vs_loss_car']:.2f}, with the response index "
-          f"{colour['corr_response_index_vs_loss_car']:.2f}.")
+    rep.p(_colour_note(colour))
     rep.image("colour.png", "colour indices in greedy CAR order")
+    if control is not None:
+        rep.h3(f"Control: {control['model']}, where colour is the label")
+        rep.p(f"The same network, images and protocol, but the class is the shape's hue (8 "
+              f"bins): test accuracy {control['test_accuracy']:.4f}, "
+              f"{control['grey_accuracy']:.4f} on grey images (chance 0.125). Here CAR "
+              "should keep the colour filters (the 'fewer' p-values).")
+        rep.body += [colour_markdown(control), ""]
+        rep.p(_colour_note(control))
+        rep.image("colour_control.png", "control: colour indices in greedy CAR order")
     rep.h2("Files")
     rep.bullets(["`curves/curves.csv`, `curves/curves.png`, `curves/curves.json`: accuracy vs "
                  "filters pruned, every method and layer, before and after fine-tuning",
                  "`half_table.csv`: the tables above", "`greedy_order.csv`: CAR's order",
                  "`colour_index.csv`: both colour indices per filter",
-                 "`colour_vs_pruning.csv`, `colour.png`"])
+                 "`colour_index_control.csv`: the same for the control model",
+                 "`colour_vs_pruning.csv` (both models), `colour.png`, `colour_control.png`"])
+
+
+def _colour_note(res: dict[str, Any]) -> str:
+    """One paragraph: accuracy, CAR ties, correlations and the greedy-CAR answer."""
+    greedy = [r for r in res["rows"] if r["order"] == "greedy CAR"]
+    answers = "; ".join(
+        f"{r['by']} index: {r['pruned_colour']}/{r['k']} colour-selective among the first "
+        f"pruned vs {r['kept_colour']}/{r['kept']} kept (p more {r['p_perm_more']:.4f}, p fewer "
+        f"{r['p_perm_less']:.4f}; mean index {r['pruned_mean_index']:.3f} vs "
+        f"{r['kept_mean_index']:.3f}, p higher {r['p_index_more']:.4f}, p lower "
+        f"{r['p_index_less']:.4f})" for r in greedy)
+    return (f"Scoring-image accuracy of the unpruned model: {res['scoring_accuracy']:.4f}; "
+            f"{res['zero_car_filters']} of {res['filters']} filters have top-1 CAR 0 on "
+            f"{res['n_scoring']} images (the loss breaks those ties). Correlation of the loss "
+            f"CAR with the weight index {res['corr_weight_index_vs_loss_car']:.2f}, with the "
+            f"response index {res['corr_response_index_vs_loss_car']:.2f}. Greedy CAR: "
+            f"{answers}.")

@@ -19,6 +19,8 @@ SHAPES_TEST_SEED = 20_000
 SHAPES_TEST_SIZE = 10_000
 # "train" split for analysis (scoring images); training itself draws seed*1000+epoch.
 SHAPES_SAMPLE_SEED = 10_000
+# Preset dataset names of the generated shapes and their make_shapes task.
+SHAPES_DATASETS = {"shapes": "shape", "shapes-clutter": "clutter", "shapes-colour": "colour"}
 
 
 def reference_data(
@@ -27,7 +29,8 @@ def reference_data(
     """The real data set a zoo preset was trained for, as raw ``uint8`` images and labels.
 
     Args:
-        preset: a zoo preset (``dataset`` is ``"fashion-mnist"`` or ``"shapes"``).
+        preset: a zoo preset (``dataset`` is ``"fashion-mnist"``, ``"shapes"``,
+            ``"shapes-clutter"`` or ``"shapes-colour"``).
         split: ``"test"`` or ``"train"`` (shapes: ``"test"`` is the held-out seed, ``"train"``
             another fixed seed that training never draws).
         limit: keep only the first ``limit`` images.
@@ -46,12 +49,13 @@ def reference_data(
     """
     if preset.dataset == "fashion-mnist":
         images, labels = load_fashion_mnist(split)
-    elif preset.dataset == "shapes":
+    elif preset.dataset in SHAPES_DATASETS:
         if split not in ("train", "test"):
             raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
         n = SHAPES_TEST_SIZE if limit is None else min(limit, SHAPES_TEST_SIZE)
         seed = SHAPES_TEST_SEED if split == "test" else SHAPES_SAMPLE_SEED
-        images, labels = make_shapes(n, seed=seed, size=preset.size)
+        images, labels = make_shapes(n, seed=seed, size=preset.size,
+                                     task=SHAPES_DATASETS[preset.dataset])
     else:
         raise DataError(
             f"no built-in data for the {preset.dataset!r} preset: pass a folder of your own "

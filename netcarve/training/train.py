@@ -17,7 +17,7 @@ from netcarve.core.errors import ModelSpecError
 from netcarve.core.weights import save_weights
 from netcarve.data import load_fashion_mnist, make_shapes
 from netcarve.data.preset import Preset
-from netcarve.training.evaluation import evaluate, reference_data
+from netcarve.training.evaluation import SHAPES_DATASETS, evaluate, reference_data
 from netcarve.zoo.registry import ZOO
 
 
@@ -37,6 +37,8 @@ RECIPES: dict[str, Recipe] = {
     "fmnist_vgg": Recipe(epochs=6, lr=3e-3),
     "fmnist_resnet": Recipe(epochs=6, lr=3e-3),
     "shapes_cnn": Recipe(epochs=15, lr=3e-3, shapes_per_epoch=24_000),
+    "shapes_clutter_cnn": Recipe(epochs=16, lr=3e-3, shapes_per_epoch=16_000),
+    "shapes_colour_cnn": Recipe(epochs=4, lr=3e-3, shapes_per_epoch=16_000),
 }
 
 
@@ -55,7 +57,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
 def _epoch_data(name: str, recipe: Recipe, epoch: int, seed: int) -> tuple[torch.Tensor, ...]:
     if recipe.shapes_per_epoch:
         # A fresh draw every epoch; seeds stay far below the held-out test seed.
-        return make_shapes(recipe.shapes_per_epoch, seed=seed * 1000 + epoch)
+        task = SHAPES_DATASETS[ZOO[name].preset.dataset]
+        return make_shapes(recipe.shapes_per_epoch, seed=seed * 1000 + epoch, task=task)
     return load_fashion_mnist("train")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from netcarve.core.errors import ModelSpecError
 from netcarve.core.weights import load_weights, read_metadata
 from netcarve.data.fashion_mnist import FASHION_MNIST_CLASSES
 from netcarve.data.preset import Preset
-from netcarve.data.shapes import SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD
+from netcarve.data.shapes import HUE_CLASSES, SHAPE_CLASSES, SHAPES_MEAN, SHAPES_STD
 from netcarve.zoo.small_models import FmnistResNet, FmnistVGG, ShapesCNN
 from netcarve.zoo.torchvision_models import IMAGENET_PRESET, TORCHVISION_ARCHITECTURES
 
@@ -38,6 +38,10 @@ SHAPES_PRESET = Preset(
     class_names=SHAPE_CLASSES,
     dataset="shapes",
 )
+# The harder tasks keep the shape task's normalisation (their pixel statistics are close).
+SHAPES_CLUTTER_PRESET = replace(SHAPES_PRESET, dataset="shapes-clutter")
+SHAPES_COLOUR_PRESET = replace(SHAPES_PRESET, dataset="shapes-colour", class_names=HUE_CLASSES)
+NARROW_SHAPES_WIDTHS = (48, 32, 48)
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,20 @@ def _entries() -> dict[str, ZooEntry]:
             lambda: ShapesCNN(num_classes=n_shapes),
             SHAPES_PRESET,
             "RGB CNN, 48 first-layer filters, coloured shapes",
+            True,
+        ),
+        "shapes_clutter_cnn": ZooEntry(
+            "shapes_clutter_cnn",
+            lambda: ShapesCNN(num_classes=n_shapes, widths=NARROW_SHAPES_WIDTHS),
+            SHAPES_CLUTTER_PRESET,
+            "narrower RGB CNN (48 first-layer filters), cluttered shapes; the class is the shape",
+            True,
+        ),
+        "shapes_colour_cnn": ZooEntry(
+            "shapes_colour_cnn",
+            lambda: ShapesCNN(num_classes=len(HUE_CLASSES), widths=NARROW_SHAPES_WIDTHS),
+            SHAPES_COLOUR_PRESET,
+            "the same network on the same images; the class is the shape's hue",
             True,
         ),
     }

@@ -113,20 +113,22 @@ class ShapesCNN(nn.Module):
         torch.Size([2, 6])
     """
 
-    def __init__(self, num_classes: int = 8, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 8, in_channels: int = 3,
+                 widths: tuple[int, int, int] = (48, 64, 96)) -> None:
         super().__init__()
+        w1, w2, w3 = widths
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 48, kernel_size=5, padding=2),
-            nn.BatchNorm2d(48),
+            nn.Conv2d(in_channels, w1, kernel_size=5, padding=2),
+            nn.BatchNorm2d(w1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            *_conv_bn_relu(48, 64),
+            *_conv_bn_relu(w1, w2),
             nn.MaxPool2d(2),
-            *_conv_bn_relu(64, 96),
+            *_conv_bn_relu(w2, w3),
             nn.MaxPool2d(2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(96, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(w3, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.avgpool(self.features(x)))

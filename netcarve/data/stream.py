@@ -29,6 +29,7 @@ from typing import Any, Union
 
 import torch
 
+from netcarve.core._memory import release_free_memory
 from netcarve.core.errors import DataError
 from netcarve.data.preset import Preset
 
@@ -352,6 +353,10 @@ class ImageStream:
                 continue
             out = x.to(device=device, dtype=dtype) if device or dtype else x
             yield out, (None if y is None else y.to(torch.int64).cpu())
+            if self.tensor is None:
+                # keeps a long stream's peak memory that of one batch (see core._memory)
+                del out, x, y
+                release_free_memory()
         if self.tensor is None:
             self._check_same(signature)
             if fp is not None:

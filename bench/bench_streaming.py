@@ -61,10 +61,11 @@ def _command(name: str, folder: Path, n: int, workers: int, out: Path) -> list[s
                 "--out", str(out), *common]
     if name == "evaluate":
         return [*base, "evaluate", "shapes_cnn", "--batch-size", "256", *common]
-    if name == "car":
+    if name == "car":  # car decodes in this process (it has no --workers)
         return [*base, "car", "shapes_cnn", "--layers", "features.4", "--prune", "4",
                 "--images", str(n), "--eval-images", str(n), "--batch-size", "256",
-                "--out", str(out), *common]
+                "--no-curves", "--out", str(out), "--images-dir", str(folder),
+                "--device", "cpu"]
     raise SystemExit(f"unknown command {name!r}")
 
 

@@ -44,3 +44,20 @@ def test_streams_give_the_same_batches_with_the_release() -> None:
         assert len(got) == 4
         torch.testing.assert_close(torch.cat([g for g, _ in got]), x, rtol=0, atol=0)
         assert torch.equal(torch.cat([lab for _, lab in got]), y)
+
+
+@pytest.mark.skipif(_memory._MALLOPT is None, reason="mallopt needs glibc on Linux")
+def test_cli_fixes_the_mmap_threshold(monkeypatch) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def fake(param: int, value: int) -> int:
+        calls.append((param, value))
+        return 1
+
+    monkeypatch.setattr(_memory, "_MALLOPT", fake)
+    from netcarve.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert calls == [(-3, _memory.MMAP_THRESHOLD)]  # M_MMAP_THRESHOLD, 16 MB

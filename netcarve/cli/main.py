@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     Example:
         >>> main(["--version"])  # doctest: +SKIP
     """
+    from netcarve.core._memory import bound_heap_growth
+
+    bound_heap_growth()  # flat memory on long image streams (glibc; see core._memory)
     try:
         code = cli.main(args=argv, prog_name="netcarve", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:  # plain `netcarve`: the help is the answer

@@ -1,4 +1,4 @@
-"""CAR quality: accuracy kept by CAR vs baselines on fmnist_vgg; colour vs shape on shapes_cnn.
+"""CAR quality: accuracy kept by CAR vs baselines on fmnist_vgg; colour vs shape (colour model).
 
 A thin wrapper over :mod:`netcarve.reproduce.car` (the logic lives in the package;
 ``netcarve reproduce car`` runs the same experiments and writes a full report). This script
@@ -11,8 +11,10 @@ fmnist: prune 50% of the filters of features.0 and, separately, of features.4 of
     --images random train images, evaluated on the first --eval-images test images; with
     --finetune E, each method's pruned model at 50% is fine-tuned E epochs on
     --finetune-images random train images and evaluated again.
-colour: colour-selective fraction among the first --k filters of shapes_cnn features.0 pruned
-    by greedy CAR (and one-shot CAR, and L1) vs the kept ones.
+colour: colour-selective fraction among the first --k filters of --colour-model features.0
+    (default shapes_clutter_cnn; shapes_colour_cnn is the control, shapes_cnn the original
+    saturated setting) pruned by greedy CAR (and one-shot CAR, and L1) vs the kept ones,
+    scored on --colour-scoring-images train images, with permutation p-values.
 Writes bench/out/quality_car/ (CSV, PNG, JSON).
 """
 
@@ -45,6 +47,8 @@ def main() -> None:
     ap.add_argument("--finetune-images", type=int, default=10000)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--colour-images", type=int, default=500)
+    ap.add_argument("--colour-model", default=CarSettings().colour_model)
+    ap.add_argument("--colour-scoring-images", type=int, default=2000)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--mode", choices=["exact", "lazy"], default="exact")
     ap.add_argument("--seed", type=int, default=0)
@@ -54,8 +58,9 @@ def main() -> None:
     settings = CarSettings(scoring_images=args.images, eval_images=args.eval_images,
                            greedy_mode=args.mode, finetune_epochs=args.finetune,
                            finetune_images=args.finetune_images, lr=args.lr,
-                           colour_scoring_images=args.images, colour_images=args.colour_images,
-                           colour_k=args.k)
+                           colour_model=args.colour_model,
+                           colour_scoring_images=args.colour_scoring_images,
+                           colour_images=args.colour_images, colour_k=args.k)
     OUT.mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:

@@ -22,9 +22,10 @@ from __future__ import annotations
 EXPERIMENTS: dict[str, str] = {
     "circuits": "criteria comparison for feature-preserving circuits (fmnist_vgg, fmnist_resnet)",
     "subfeatures": "sub-feature circuits of a polysemantic-looking unit",
-    "car": "CAR vs baseline filter pruning on fmnist_vgg; colour vs shape on shapes_cnn",
+    "car": ("CAR vs baseline filter pruning on fmnist_vgg; colour vs shape on "
+            "shapes_clutter_cnn, with a colour-label control"),
     "fop": "functionality-oriented vs magnitude pruning at equal MACs; functionality defection",
-    "planted": "criteria recovering circuits planted in hand-built networks",
+    "planted": "criteria recovering circuits planted in hand-built networks, graded by eps",
 }
 """Experiment name → one-line description (the ``netcarve reproduce`` sub-commands)."""
 

@@ -46,8 +46,13 @@ def test_streams_give_the_same_batches_with_the_release() -> None:
         assert torch.equal(torch.cat([lab for _, lab in got]), y)
 
 
-@pytest.mark.skipif(_memory._MALLOPT is None, reason="mallopt needs glibc on Linux")
-def test_cli_fixes_the_mmap_threshold(monkeypatch) -> None:
+def test_only_streamed_folders_fix_the_mmap_threshold(monkeypatch, tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from netcarve.cli.main import _load_for_analysis
+    from netcarve.data import SHAPE_CLASSES, make_shapes
+
     calls: list[tuple[int, int]] = []
 
     def fake(param: int, value: int) -> int:
@@ -55,9 +60,16 @@ def test_cli_fixes_the_mmap_threshold(monkeypatch) -> None:
         return 1
 
     monkeypatch.setattr(_memory, "_MALLOPT", fake)
-    from netcarve.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["--version"])
-    assert exc.value.code == 0
-    assert calls == [(-3, _memory.MMAP_THRESHOLD)]  # M_MMAP_THRESHOLD, 16 MB
+    images, labels = make_shapes(8, seed=1)
+    for i, (img, lab) in enumerate(zip(images, labels.tolist(), strict=True)):
+        folder = tmp_path / SHAPE_CLASSES[lab]
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy())).save(
+            folder / f"{i}.png")
+    # built-in data in memory, or a folder loaded whole: glibc's default stays
+    _load_for_analysis("shapes_cnn", None, None, None, 4, 4, "cpu", 0)
+    _load_for_analysis("shapes_cnn", None, None, tmp_path, 4, 4, "cpu", 0)
+    assert calls == []
+    # a folder streamed through DataLoaders: the threshold is fixed (M_MMAP_THRESHOLD, 16 MB)
+    _load_for_analysis("shapes_cnn", None, None, tmp_path, 4, 4, "cpu", 0, workers=0)
+    assert calls == [(-3, _memory.MMAP_THRESHOLD)]

@@ -159,6 +159,11 @@ def _load_for_analysis(model: str, weights: Path | None, preset: str | None,
     lm = load_cli_model(model, weights, preset, device)
     folder = None if images_dir is None else str(images_dir)
     if workers is not None:
+        if folder is not None:
+            from netcarve.core._memory import bound_heap_growth
+
+            # flat peak memory over a long folder (glibc; see core._memory for the cost)
+            bound_heap_growth()
         scoring, heldout = analysis_streams(lm.preset, n_images, n_heldout or n_images,
                                             images_dir=folder, seed=seed,
                                             batch_size=batch_size, workers=workers)
@@ -418,9 +423,6 @@ def main(argv: list[str] | None = None) -> None:
     Example:
         >>> main(["--version"])  # doctest: +SKIP
     """
-    from netcarve.core._memory import bound_heap_growth
-
-    bound_heap_growth()  # flat memory on long image streams (glibc; see core._memory)
     try:
         code = cli.main(args=argv, prog_name="netcarve", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:  # plain `netcarve`: the help is the answer

@@ -14,10 +14,10 @@ from run to run, the maximum over more batches being worse (bench/RESULTS.md).
   blocks of 16 MB and more always come from ``mmap`` and go back whole when freed; that also
   bounds the fragmentation within one batch (``extract``'s backward passes). It costs page
   faults on every such block: measured ~4× slower on an in-memory ``sweep`` (25 MB
-  activations), ≤ ~10% on a streamed ``extract``. So it is applied only where the data is a
-  long stream: the CLI's analysis commands given ``--images-dir`` (extract, subcircuits,
-  diagram, ...). It changes a process-wide setting, so the library leaves it to the
-  application; ``MALLOC_MMAP_THRESHOLD_=16777216`` in the environment does the same.
+  activations), ≤ ~15% on a streamed ``extract``. So it is applied only where the data is a
+  long stream: ``netcarve extract`` streaming an ``--images-dir`` folder. It changes a
+  process-wide setting, so the library leaves it to the application;
+  ``MALLOC_MMAP_THRESHOLD_=16777216`` in the environment does the same.
 
 Elsewhere (macOS, musl, Windows) both are no-ops.
 """

@@ -253,14 +253,13 @@ def run_folder(out: str | Path, command: str, *, name: str, resumable: bool = Fa
             raise
         finally:
             now = _files(out)
+            new = {r for r in now if r not in start}
+            changed = {r for r in now if r in start and now[r] != start[r]}
             # A resumable run keeps what it wrote; one that failed before writing anything
             # (a bad layer name, a missing file) is undone like any other, folder included.
-            partial = resumable and not ok and any(
-                r not in start or now[r] != start[r] for r in now)
+            partial = resumable and not ok and bool(new or changed)
             if ok or partial:
                 earlier_files = set() if earlier is None else set(earlier.get("files", []))
-                new = {r for r in now if r not in start}
-                changed = {r for r in now if r in start and now[r] != start[r]}
                 # An earlier result left in place belongs to this run only when resuming.
                 kept = {r for r in now if r in start and now[r] == start[r]
                         and r in earlier_files} if resumable else set()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -303,10 +303,11 @@ def colour_vs_shape(settings: CarSettings, seed: int = 0,
     if settings.colour_k >= n:
         raise ReproduceError(f"colour_k must be below the {n} filters of {layer}")
     xs, ys = draw(lm.preset, "train", settings.colour_scoring_images, seed)
-    xc, _ = reference_data(lm.preset, "test", settings.colour_images)
-    reps = {by: colour_selectivity(lm.model, layer, preset=lm.preset, images=xc, by=by,
-                                   threshold=settings.colour_threshold)
-            for by in ("weight", "response")}
+    xc, yc = reference_data(lm.preset, "test", settings.colour_images)
+    # one report computes both indices; the second view only changes which one decides
+    weight_rep = colour_selectivity(lm.model, layer, preset=lm.preset, images=xc, by="weight",
+                                    threshold=settings.colour_threshold)
+    reps = {"weight": weight_rep, "response": replace(weight_rep, by="response")}
     start = time.perf_counter()
     g = greedy_prune(lm.model, xs, ys, layer, amount=settings.colour_k,
                      mode=settings.greedy_mode, preset=lm.preset,
@@ -323,7 +324,6 @@ def colour_vs_shape(settings: CarSettings, seed: int = 0,
             for label, order in orders.items() for rep in reps.values()]
     corr = torch.corrcoef(torch.stack([reps["weight"].index, reps["response"].index,
                                        one.car, one.loss_car]))
-    yc = reference_data(lm.preset, "test", settings.colour_images)[1]
     acc = evaluate(lm.model, xc, yc, lm.preset, progress=False).accuracy
     grey = evaluate(lm.model, grey_images(xc), yc, lm.preset, progress=False).accuracy
     return {"model": name, "layer": layer, "filters": n, "rows": rows,

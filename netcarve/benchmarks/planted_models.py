@@ -462,6 +462,24 @@ class PlantedCase:
         """The keep fraction at which a perfect criterion keeps exactly the ground truth."""
         return self.n_ground_truth / self.n_relevant
 
+    def gate_opens(self, images: torch.Tensor) -> torch.Tensor:
+        """bool ``[N]``: whether the gated channel is above 0 anywhere on each image.
+
+        Example:
+            >>> case = build_planted("concat", n_images=64)
+            >>> 0 < int(case.gate_opens(case.images).sum()) < 64
+            True
+        """
+        module = self.model.get_submodule(self.gate[0])
+        seen: list[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+        try:
+            with torch.no_grad():
+                self.model(images)
+        finally:
+            handle.remove()
+        return (seen[0][:, self.gate[1]] > 0).flatten(1).any(dim=1)
+
     def kind_mask(self, code: int) -> dict[str, torch.Tensor]:
         """``{layer: bool mask}`` of the relevant kernels of one kind (a :data:`KIND_NAMES`
         code).

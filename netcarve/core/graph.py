@@ -64,6 +64,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
         self.shapes: dict[torch.fx.Node, Any] = {}
+        self.values: dict[torch.fx.Node, Any] = {}  # small non-tensor results (sizes)
         self.current: torch.fx.Node | None = None
         self.extra_traceback = False  # keep the op's own message; skip fx's slow error path
 
@@ -71,7 +72,28 @@ class _ShapeRecorder(torch.fx.Interpreter):
         self.current = n
         result = super().run_node(n)
         self.shapes[n] = _shape_of(result)
+        if isinstance(result, (int, float, bool, torch.Size)) or (
+            isinstance(result, tuple) and all(isinstance(v, int) for v in result)
+        ):
+            self.values[n] = result
         return result
+
+
+def _refuse_attention(model: nn.Module) -> None:
+    """Vision Transformers (and any model with attention) are refused before tracing:
+    attention mixes every position and channel with data-dependent weights, which no
+    channel graph of kernels can express."""
+    for name, mod in model.named_modules():
+        kind = type(mod).__name__
+        if isinstance(mod, nn.MultiheadAttention) or kind.endswith(("Attention", "Attn")):
+            raise GraphError(
+                f"{type(model).__name__} contains attention (module '{name}', {kind}); "
+                "netcarve analyses convolutional networks: attention mixes every token and "
+                "channel with input-dependent weights, so kernel-level circuits, CAR removal "
+                "semantics and filter pruning are not defined for it. Vision Transformers "
+                "are not supported; use a CNN (ResNet, ConvNeXt, MobileNet, ...), or analyse "
+                "a convolutional part of the model on its own (e.g. its stem as a separate "
+                "nn.Module).")
 
 
 class _Tracer(torch.fx.Tracer):
@@ -141,6 +163,7 @@ class ModelGraph:
         self._consumers: dict[str, list[str]] = {}
         self._n_params: dict[str, int] = {}
         self._module_types: dict[str, str] = {}
+        self._mixing: dict[str, str] = {}  # module → the channel-mixing op netcarve saw
 
     def __repr__(self) -> str:
         kinds = [info.kind for info in self.layers.values()]
@@ -194,6 +217,7 @@ class ModelGraph:
                 "example_input must be a tensor with a batch and a channel dimension "
                 f"(e.g. [1, 3, 224, 224]); got {getattr(example_input, 'shape', example_input)!r}"
             )
+        _refuse_attention(model)
         leaf_names = {c for c in channelwise if isinstance(c, str)}
         leaf_types = tuple(c for c in channelwise if isinstance(c, type))
         modules = dict(model.named_modules())
@@ -229,10 +253,27 @@ class ModelGraph:
         graph = cls()
         graph.input_shape = tuple(example_input.shape[1:])
         graph.traced = gm
-        _Builder(graph, gm, modules, recorder.shapes, leaf_names, leaf_types).run()
+        _Builder(graph, gm, modules, recorder.shapes, leaf_names, leaf_types,
+                 recorder.values).run()
         return graph
 
     # ------------------------------------------------------------------ lookups
+
+    @property
+    def mixing(self) -> dict[str, str]:
+        """Modules netcarve follows as channel-mixing operations, not as layers, with the op.
+
+        A LayerNorm over channels (ConvNeXt's NHWC ``LayerNorm``, ``LayerNorm2d``) and a
+        ``Linear`` applied to the last dim of an ``[N, H, W, C]`` tensor (ConvNeXt's
+        pointwise convs) make every output channel depend on every input channel: the
+        graph links them that way (sound for circuits, CAR and effective masks), their
+        weights are never masked, and filters feeding them cannot be pruned physically.
+
+        Example:
+            >>> ModelGraph.build(convnext, x).mixing  # doctest: +SKIP
+            {'features.1.0.block.2': 'LayerNorm over the last 1 dim(s) of its (1, 8, 8, 8) input'}
+        """
+        return dict(self._mixing)
 
     def layer(self, name: str) -> LayerInfo:
         """The :class:`LayerInfo` of layer ``name``.
@@ -248,7 +289,11 @@ class ModelGraph:
         if info is not None:
             return info
         what = ""
-        if name in self._module_types:
+        if name in self._mixing:
+            what = (f" ({name} applies {self._mixing[name]}: it mixes channels, so "
+                    "netcarve treats it as one channel-mixing operation between layers, "
+                    "not as a layer)")
+        elif name in self._module_types:
             what = f" ({name} is a {self._module_types[name]}, not a conv/linear layer)"
         hint = close_names(name, self.layers)
         hint_txt = f"; did you mean {', '.join(hint)}?" if hint else ""

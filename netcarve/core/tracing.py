@@ -58,6 +58,21 @@ class _Map:
         return tuple(g for g in self.groups for _ in range(self.spatial))
 
 
+@dataclass(frozen=True, eq=False)
+class _Grid:
+    """Channel sources of a tensor whose channels are spread over several dimensions.
+
+    A channel shuffle's ``[N, g, C/g, H, W]`` view or an ``NHWC`` permute has no single
+    channel dimension; ``ids`` (the tensor's shape without the batch) holds, per element, an
+    index into ``groups``. Only data-movement operations may act on it; a movement that
+    brings every channel back onto dim 1 turns it into a :class:`_Map` again.
+    """
+
+    groups: tuple[frozenset[_Source], ...]
+    ids: torch.Tensor
+    origin: str = ""  # the op (and where) that spread the channels
+
+
 @dataclass(frozen=True)
 class _TupleMap:
     """Channel maps of the elements of a tuple-valued node (``torch.split`` etc.)."""
@@ -92,6 +107,8 @@ _FIRST_ARG = {
 }
 _RESHAPE = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as",
             "unflatten"}
+_PERMUTE = {"permute", "transpose", "transpose_", "swapaxes", "swapdims", "movedim",
+            "moveaxis", "t"}
 _CAT = {"cat", "concat", "concatenate"}
 _REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "prod", "logsumexp", "nansum",
            "nanmean"}
@@ -165,6 +182,35 @@ def _union(sets: Iterable[frozenset[_Source]]) -> frozenset[_Source]:
     return frozenset(out)
 
 
+def _ids_of(m: _Map, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-element group indices (shape without the batch) of a tensor with map ``m``."""
+    per_pos = torch.arange(shape[1]) // m.spatial
+    return per_pos.view(-1, *([1] * (len(shape) - 2))).expand(*shape[1:])
+
+
+def _from_ids(groups: tuple[frozenset[_Source], ...], ids: torch.Tensor) -> _Map | _Grid:
+    """A :class:`_Map` when every position of dim 1 has one source group, else a grid."""
+    if ids.dim() == 0 or ids.shape[0] == 0:
+        return _Grid(groups, ids)
+    rows = ids.reshape(ids.shape[0], -1)
+    if rows.shape[1] and not bool((rows == rows[:, :1]).all()):
+        return _Grid(groups, ids)
+    idx = rows[:, 0] if rows.shape[1] else torch.zeros(ids.shape[0], dtype=torch.long)
+    width = idx.numel()
+    # fold runs of equal groups back into a spatial block (the layout a flatten gives)
+    spatial = 1
+    for s in range(width, 1, -1):
+        if width % s == 0 and bool((idx.view(-1, s) == idx.view(-1, s)[:, :1]).all()):
+            spatial = s
+            break
+    picked = idx.view(-1, spatial)[:, 0].tolist()
+    return _Map(tuple(groups[i] for i in picked), spatial)
+
+
+class _NotConcrete(Exception):
+    """An argument of a data-movement op is a tensor or a value the shape pass did not keep."""
+
+
 # --------------------------------------------------------------------------- builder
 
 
@@ -179,14 +225,16 @@ class _Builder:
         shapes: dict[torch.fx.Node, Any],
         leaf_names: set[str],
         leaf_types: tuple[type, ...],
+        values: dict[torch.fx.Node, Any] | None = None,
     ) -> None:
         self.graph = graph
+        self.values = values or {}
         self.gm = gm
         self.modules = modules
         self.shapes = shapes
         self.leaf_names = leaf_names
         self.leaf_types = leaf_types
-        self.maps: dict[torch.fx.Node, _Map | _TupleMap | None] = {}
+        self.maps: dict[torch.fx.Node, _Map | _Grid | _TupleMap | None] = {}
         self.unary: dict[torch.fx.Node, torch.fx.Node] = {}  # node → its single feature input
         self.layer_nodes: dict[str, torch.fx.Node] = {}
         self.seen_input = False
@@ -261,7 +309,9 @@ class _Builder:
             return  # not a tensor (sizes, dtypes, ...): no data flow to follow
         if node.op == "call_module":
             mod = self.modules[str(node.target)]
-            if isinstance(mod, (_conv._ConvNd, nn.Linear)) and not getattr(
+            if isinstance(mod, nn.Linear) and self._linear_on_last_dim(node):
+                pass  # a Linear over the last dim of an [N, ..., F] tensor: mixing, below
+            elif isinstance(mod, (_conv._ConvNd, nn.Linear)) and not getattr(
                 mod, "transposed", False
             ):
                 self._layer(node, mod)
@@ -291,6 +341,156 @@ class _Builder:
             self.maps[node.args[0]] = result
 
     def _classify(self, node: torch.fx.Node, feats: list[Any], shape: Any) -> Any:
+        short = self._op_name(node)[0]
+        moving = short in _RESHAPE or short in _PERMUTE or short == "getitem" or (
+            node.op == "call_module"
+            and isinstance(self.modules.get(str(node.target)), nn.Flatten | nn.Unflatten))
+        trailing = self._trailing(node)
+        if trailing is not None:
+            return self._mix_trailing(node, trailing, shape)
+        if any(isinstance(m, _Grid) for _, m, _ in feats):
+            if len(feats) == 1 and self._elementwise_unary(node, short):
+                return feats[0][1]
+            if short in _FIRST_ARG and isinstance(self._first_map(node), _Grid):
+                return self._first_map(node)
+            if not moving:
+                spread = next(m for _, m, _ in feats if isinstance(m, _Grid))
+                return self._mixed(node, "acts on a tensor whose channels are spread over "
+                                   f"several dimensions by {spread.origin}")
+            return self._simulate(node, shape, None)
+        result = self._classify_simple(node, feats, shape)
+        if moving and isinstance(result, _Map) and result.error:
+            return self._simulate(node, shape, result)
+        return result
+
+    def _elementwise_unary(self, node: torch.fx.Node, short: str) -> bool:
+        """An op that acts on each element of its one feature input (GELU, scaling by a
+        constant): it keeps any channel layout, channels-last included."""
+        if node.op == "call_module":
+            mod = self.modules.get(str(node.target))
+            return isinstance(mod, _act.ReLU | _act.GELU | _act.SiLU | _act.Hardswish
+                              | _act.Sigmoid | _act.Tanh | _act.ReLU6 | _drop._DropoutNd
+                              | nn.Identity)
+        return short in _ELEMENTWISE and not short.startswith(("max_pool", "avg_pool",
+                                                                "adaptive", "lp_pool",
+                                                                "interpolate", "upsample",
+                                                                "pad", "batch_norm",
+                                                                "instance_norm"))
+
+    def _linear_on_last_dim(self, node: torch.fx.Node) -> bool:
+        src = node.args[0] if node.args else None
+        in_shape = self.shapes.get(src) if isinstance(src, torch.fx.Node) else None
+        return isinstance(in_shape, tuple) and len(in_shape) > 2 and isinstance(
+            self.maps.get(src), _Map | _Grid)
+
+    def _trailing(self, node: torch.fx.Node) -> int | None:
+        """How many trailing dims a LayerNorm / channels-last Linear mixes (None: neither)."""
+        if node.op == "call_module":
+            mod = self.modules.get(str(node.target))
+            if isinstance(mod, nn.LayerNorm):
+                return len(mod.normalized_shape)
+            if isinstance(mod, nn.Linear) and self._linear_on_last_dim(node):
+                return 1
+            return None
+        if self._op_name(node)[0] == "layer_norm":
+            raw = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1
+                                  else None)
+            raw = self.values.get(raw, raw) if isinstance(raw, torch.fx.Node) else raw
+            if isinstance(raw, int):
+                return 1
+            if isinstance(raw, (list, tuple, torch.Size)):
+                return len(raw)
+        return None
+
+    def _mix_trailing(self, node: torch.fx.Node, k: int, shape: Any) -> Any:
+        """LayerNorm over trailing dims, or a Linear over the last dim: every output element
+        depends on every input element of its trailing block (channels mixed when the
+        block holds the channels, e.g. ConvNeXt's NHWC LayerNorm and pointwise Linears)."""
+        src = node.args[0] if node.args else None
+        m = self._first_map(node)
+        in_shape = self.shapes.get(src) if isinstance(src, torch.fx.Node) else None
+        if (not isinstance(m, _Map | _Grid) or not isinstance(in_shape, tuple)
+                or not isinstance(shape, tuple) or len(in_shape) != len(shape)
+                or len(in_shape) - 1 < k or (isinstance(m, _Map) and m.error)):
+            return self._mixed(node, "normalises or projects in a way netcarve cannot follow")
+        ids = m.ids if isinstance(m, _Grid) else _ids_of(m, in_shape)
+        lead = tuple(ids.shape[: ids.dim() - k])
+        rows = ids.reshape(-1, math.prod(ids.shape[ids.dim() - k:]))
+        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        groups = tuple(_union(m.groups[i] for i in row.unique().tolist()) for row in uniq)
+        out_ids = inverse.view(*lead, *([1] * k)).expand(*shape[1:])
+        result = _from_ids(groups, out_ids.contiguous())
+        qual = self._op_name(node)[1]
+        self.graph._mixing[self._module_path(node)] = (
+            f"{qual} over the last {k} dim(s) of its {in_shape} input")
+        if isinstance(result, _Grid):
+            result = _Grid(result.groups, result.ids, m.origin if isinstance(m, _Grid)
+                           else f"{qual} ({self._where(node)})")
+        return result
+
+    def _module_path(self, node: torch.fx.Node) -> str:
+        if node.op == "call_module":
+            return str(node.target)
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            last = list(stack.values())[-1]
+            return last[0] if isinstance(last, tuple) else str(last)
+        return node.name
+
+    def _first_map(self, node: torch.fx.Node) -> Any:
+        src = node.args[0] if node.args else None
+        return self.maps.get(src) if isinstance(src, torch.fx.Node) else None
+
+    def _simulate(self, node: torch.fx.Node, shape: Any, failed: _Map | None) -> Any:
+        """Follow a data-movement op (view, permute, transpose, indexing, ...) exactly by
+        running it on a tensor of channel-group indices."""
+        src = node.args[0] if node.args else None
+        m = self._first_map(node)
+        in_shape = self.shapes.get(src) if isinstance(src, torch.fx.Node) else None
+        why = failed or self._mixed(node, "moves data in a way netcarve cannot follow")
+        if not isinstance(m, _Map | _Grid) or not isinstance(in_shape, tuple) or not in_shape:
+            return why
+        if isinstance(m, _Map):
+            if len(in_shape) < 2:
+                return why
+            groups, ids = m.groups, _ids_of(m, in_shape)
+        else:
+            groups, ids = m.groups, m.ids
+        batch, n_groups = in_shape[0], max(len(groups), 1)
+        offset = (torch.arange(batch) * n_groups).view(-1, *([1] * ids.dim()))
+        tag = (ids.unsqueeze(0) + offset).contiguous()
+
+        def concrete(a: torch.fx.Node) -> Any:
+            if a is src:
+                return tag
+            if a in self.values:
+                return self.values[a]
+            raise _NotConcrete(a.name)
+
+        try:
+            args = torch.fx.node.map_arg(node.args, concrete)
+            kwargs = torch.fx.node.map_arg(node.kwargs, concrete)
+            if node.op == "call_method":
+                out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            elif node.op == "call_function":
+                out = node.target(*args, **kwargs)  # type: ignore[operator]
+            else:
+                out = self.modules[str(node.target)](*args, **kwargs)
+        except Exception:
+            return why
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or not shape:
+            return why
+        if out.shape[0] != batch or not bool(
+            (out.reshape(batch, -1) // n_groups == torch.arange(batch)[:, None]).all()
+        ):
+            return self._mixed(node, "moves data between images of the batch")
+        result = _from_ids(groups, out[0].clone())
+        if isinstance(result, _Grid):
+            origin = f"{self._op_name(node)[1]} ({self._where(node)})"
+            result = _Grid(result.groups, result.ids, origin)
+        return result
+
+    def _classify_simple(self, node: torch.fx.Node, feats: list[Any], shape: Any) -> Any:
         if node.op == "call_module":
             mod = self.modules[str(node.target)]
             name = str(node.target)
@@ -503,6 +703,12 @@ class _Builder:
         m = self.maps.get(inputs[0])
         in_shape = self.shapes.get(inputs[0])
         out_shape = self.shapes[node]
+        if isinstance(m, _Grid):
+            raise GraphError(
+                f"cannot follow channels into layer '{name}': its input's channels are spread "
+                f"over several dimensions (shape {in_shape}) by {m.origin}; "
+                f"{type(mod).__name__} layers need the channels on dim 1 (a Linear: on the "
+                "last dim of a [N, features] input)")
         if isinstance(m, _Map) and m.error:
             raise GraphError(
                 f"cannot follow channels into layer '{name}': {m.error}. Only channel-wise "

@@ -77,7 +77,7 @@ def coverage_row(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    keep: float = 0.25,
+    keep: float = 0.5,
     viz_steps: int = 32,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -174,8 +174,8 @@ def coverage_row(
         why = prunable_layers(model, graph=g)
         ok = [name for name, reason in why.items() if reason is None]
         if not ok:
-            reasons = sorted({str(r).split(": ")[-1][:80] for r in why.values()})
-            raise _NothingPrunable(f"no prunable layer ({'; '.join(reasons[:3])})")
+            raise _NothingPrunable("no prunable layer: " + "; ".join(
+                f"{name}: {reason}" for name, reason in why.items()))
         layer = middle if middle in ok else ok[len(ok) // 2]
         n = g.layer(layer).out_channels
         gen = torch.Generator().manual_seed(seed)

@@ -5,10 +5,12 @@ generator, one seed per block of 1,000), then runs each command in a fresh proce
 and prints the peak resident memory of the largest process (the command or one of its
 decoding workers: ``ru_maxrss`` of the children, measured by a wrapper process) and the
 difference. Every image of the folder is used: ``--images N/2 --heldout N/2`` for
-``extract``, ``--images N --eval-images N`` for ``car``, all of them for ``evaluate``.
+``extract``, all of them for ``evaluate``, and for ``car`` ``--images 500`` (the scoring
+set, decoded into memory: greedy CAR re-evaluates it for every removal) with
+``--eval-images N-500`` streamed for the accuracies and the curves.
 
     PYTHONPATH=$PWD python bench/bench_streaming.py [--sizes 1000,20000] [--workers 2]
-        [--commands extract,evaluate] [--root /tmp/netcarve_stream_bench]
+        [--commands extract,evaluate,car] [--root /tmp/netcarve_stream_bench]
 
 Target (issue 13): the two peaks differ by less than 100 MB.
 """
@@ -28,6 +30,7 @@ from PIL import Image
 from netcarve.data import SHAPE_CLASSES, make_shapes
 
 _BLOCK = 1000
+_CAR_SCORING = 500  # greedy CAR re-evaluates its scoring images for every removal
 _WRAPPER = (
     "import resource, subprocess, sys\n"
     "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
@@ -61,11 +64,10 @@ def _command(name: str, folder: Path, n: int, workers: int, out: Path) -> list[s
                 "--out", str(out), *common]
     if name == "evaluate":
         return [*base, "evaluate", "shapes_cnn", "--batch-size", "256", *common]
-    if name == "car":  # car decodes in this process (it has no --workers)
+    if name == "car":  # the scoring set is the method's (in memory); the rest is streamed
         return [*base, "car", "shapes_cnn", "--layers", "features.4", "--prune", "4",
-                "--images", str(n), "--eval-images", str(n), "--batch-size", "256",
-                "--no-curves", "--out", str(out), "--images-dir", str(folder),
-                "--device", "cpu"]
+                "--images", str(_CAR_SCORING), "--eval-images", str(n - _CAR_SCORING),
+                "--batch-size", "256", "--curve-points", "3", "--out", str(out), *common]
     raise SystemExit(f"unknown command {name!r}")
 
 

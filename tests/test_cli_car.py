@@ -180,3 +180,33 @@ def test_curves_reuse_the_greedy_order_and_never_rerun_greedy(tmp_path, monkeypa
     assert res.exit_code == 0, res.output
     assert len(calls) == 1, f"greedy ran {len(calls)} times; the curves must reuse its order"
     assert (tmp_path / "o" / "curves.csv").is_file()
+
+
+def test_image_folder_streams_the_evaluation_images(tmp_path) -> None:
+    """``--images-dir``: the scoring images are decoded, the evaluation ones streamed; the
+    accuracies equal an in-memory evaluation of the same (seeded) evaluation images."""
+    from PIL import Image
+
+    from netcarve.data import load_image_folder
+    from netcarve.training.evaluation import evaluate
+
+    x, y = reference_data(FASHION_MNIST_PRESET, "test", 40)
+    names = FASHION_MNIST_PRESET.class_names
+    for i, (img, label) in enumerate(zip(x, y.tolist(), strict=True)):
+        folder = tmp_path / "imgs" / names[label].replace("/", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0].numpy()).save(folder / f"{i:03d}.png")
+    out = tmp_path / "o"
+    res = run("--layers", "conv2", "--prune", "2", "--images-dir", str(tmp_path / "imgs"),
+              "--images", "15", "--eval-images", "100", "--curve-points", "2",
+              "--batch-size", "7", "--workers", "1", "--out", str(out), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["n_scoring"] == 15 and summary["n_eval"] == 25  # the rest of the folder
+    assert "25 evaluation images streamed" in summary["data"]
+    folder = load_image_folder(tmp_path / "imgs", FASHION_MNIST_PRESET)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    xe, ye = folder.images[perm][15:], folder.labels[perm][15:]
+    want = evaluate(tiny_fmnist(), xe, ye, FASHION_MNIST_PRESET).accuracy
+    assert summary["accuracy"]["original"] == pytest.approx(want, abs=1e-12)
+    assert summary["curves"] is not None and (out / "curves.png").is_file()

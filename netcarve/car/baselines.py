@@ -276,8 +276,8 @@ def compare_methods(
     *,
     score_images: torch.Tensor,
     score_labels: torch.Tensor,
-    eval_images: torch.Tensor,
-    eval_labels: torch.Tensor,
+    eval_images: torch.Tensor | Any,
+    eval_labels: torch.Tensor | None,
     counts: Sequence[int],
     methods: Sequence[str] = ("car", *BASELINES),
     car_order: Sequence[int] | None = None,
@@ -305,7 +305,9 @@ def compare_methods(
         model: the classifier (unchanged).
         layer: the layer.
         score_images / score_labels: scoring data for data-driven criteria and CAR.
-        eval_images / eval_labels: evaluation data for the curves.
+        eval_images / eval_labels: evaluation data for the curves: tensors, or a stream
+            (DataLoader over an image folder; ``eval_labels`` None) evaluated one bounded
+            chunk at a time by :func:`netcarve.car.streamed.evaluate_stream`.
         counts: numbers of filters pruned (0 allowed).
         methods: ``"car"`` and / or names from :data:`BASELINES`.
         car_order: the CAR pruning order of this layer (optional).
@@ -335,9 +337,17 @@ def compare_methods(
 
     start = time.perf_counter()
     report = report if report is not None else CurveReport()
-    eng = AblationEngine(model, eval_images, eval_labels, graph=graph, preset=preset,
-                         batch_size=batch_size)
-    graph = eng.graph
+    in_memory = isinstance(eval_images, torch.Tensor)
+    if in_memory:
+        eng = AblationEngine(model, eval_images, eval_labels, graph=graph, preset=preset,
+                             batch_size=batch_size)
+        graph = eng.graph
+    elif graph is None:
+        example = score_images[:1]
+        if example.dtype == torch.uint8 and preset is not None:
+            example = preset.normalize(example)
+        weight = next(model.parameters())
+        graph = ModelGraph.build(model, example.to(device=weight.device, dtype=weight.dtype))
     n = graph.layer(layer).out_channels
     ks = sorted({int(k) for k in counts})
     if not ks or ks[0] < 0 or ks[-1] > n - 1:
@@ -370,7 +380,13 @@ def compare_methods(
             keep[torch.tensor(order[:k], dtype=torch.int64)] = False
             cands.append(keep)
             where.append((method, k))
-    stats = eng.evaluate(layer, torch.stack(cands))
+    if in_memory:
+        stats = eng.evaluate(layer, torch.stack(cands))
+    else:  # a stream (e.g. an image folder): one bounded chunk of images at a time
+        from netcarve.car.streamed import evaluate_stream
+
+        stats = evaluate_stream(model, layer, torch.stack(cands), eval_images, graph=graph,
+                                preset=preset, batch_size=batch_size)
     acc, loss = stats.accuracy(), stats.loss()
     for i, (method, k) in enumerate(where):
         report.rows.append({"layer": layer, "method": method, "pruned": k,
@@ -381,7 +397,7 @@ def compare_methods(
         from netcarve.training.evaluation import evaluate
         from netcarve.training.finetune import finetune
 
-        check = eval_images[:8]
+        check = (eval_images if in_memory else score_images)[:8]
         if check.dtype == torch.uint8 and preset is not None:
             check = preset.normalize(check)
         weight = resolve_module(model, layer).weight
@@ -405,7 +421,7 @@ def compare_methods(
                                     "accuracy": ev.accuracy, "loss": ev.loss,
                                     "finetuned": True})
     report.orders[layer] = orders
-    report.n_eval = len(eval_labels)
+    report.n_eval = stats.n
     report.settings.setdefault("layers", {})[layer] = {
         "counts": ks, "methods": list(methods), "finetune_epochs": finetune_epochs,
         "finetune_at": list(finetune_at), "lr": lr, "seed": seed,

@@ -9,7 +9,7 @@ counts and near-ties (images whose two deciding logits differ by less than
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -228,6 +228,47 @@ class AblationStats:
                 "loss": ("base_loss_sum", "loss_sum")}[m.name]
         value = getattr(self, pick[0] if base else pick[1])
         return value.double() / self.n
+
+    @classmethod
+    def merged(cls, parts: Sequence[AblationStats]) -> AblationStats:
+        """The statistics of the same candidates over the union of disjoint image sets.
+
+        Counts, loss sums and near-ties add up; per-image rows are concatenated in order.
+        Used to evaluate removals over a stream one bounded chunk of images at a time.
+
+        Raises:
+            AblationError: no parts, or parts with different candidates or classes.
+
+        Example:
+            >>> whole = AblationStats.merged([first_half, second_half])  # doctest: +SKIP
+        """
+        if not parts:
+            raise AblationError("nothing to merge")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.num_classes != first.num_classes or p.correct.shape != first.correct.shape:
+                raise AblationError("cannot merge statistics of different candidates or "
+                                    "classes")
+        values: dict[str, Any] = {"n": sum(p.n for p in parts),
+                                  "num_classes": first.num_classes}
+        counts = ForwardCounts()
+        for p in parts:
+            counts.add(p.counts)
+        values["counts"] = counts
+        for f in fields(cls):
+            if f.name in values:
+                continue
+            items = [getattr(p, f.name) for p in parts]
+            if any(item is None for item in items):
+                values[f.name] = None
+            elif f.name.startswith("image_"):
+                values[f.name] = torch.cat(items, dim=1)
+            else:
+                total = items[0].clone()
+                for item in items[1:]:
+                    total += item
+                values[f.name] = total
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: per-candidate accuracy, top-5 accuracy and loss, base values,

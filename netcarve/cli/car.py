@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from netcarve.cli.common import emit as _emit
 from netcarve.cli.common import fail_cleanly as _fail_cleanly
-from netcarve.cli.common import run_options, source_options
+from netcarve.cli.common import run_options, source_options, workers_option
 
 __all__ = ["car"]
 
@@ -47,25 +47,41 @@ def _curve_counts(target: int, points: int) -> list[int]:
 
 
 def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, seed: int,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+               workers: int = 0, batch_size: int = 100,
+               ) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor | None, int, str]:
+    """Scoring tensors, evaluation data (tensors, or a stream for a folder), its size."""
     from netcarve.core.errors import DataError
-    from netcarve.data import load_image_folder
+    from netcarve.data import ImageFolderDataset, image_folder_loader
     from netcarve.training.evaluation import reference_data
 
     if images_dir is not None:
-        folder = load_image_folder(images_dir, lm.preset)
+        # Only the scoring images are decoded into memory (greedy CAR re-evaluates them for
+        # every removal); the evaluation images are streamed from the folder, so memory does
+        # not grow with the folder.
+        folder = ImageFolderDataset(images_dir, lm.preset)
         gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(folder.labels), generator=gen)
-        x, y = folder.images[perm], folder.labels[perm]
-        if len(x) < n_images + 1 and n_images > 0:
-            raise DataError(f"{images_dir} has {len(x)} images; --images {n_images} leaves "
+        perm = torch.randperm(len(folder), generator=gen).tolist()
+        if len(perm) < n_images + 1 and n_images > 0:
+            raise DataError(f"{images_dir} has {len(perm)} images; --images {n_images} leaves "
                             "none for evaluation")
-        return (x[:n_images], y[:n_images], x[n_images:n_images + n_eval],
-                y[n_images:n_images + n_eval], f"{images_dir} (shuffled with seed {seed})")
+        score_idx, eval_idx = perm[:n_images], perm[n_images:n_images + n_eval]
+        xs_parts, ys_parts = [], []
+        for xb, yb in image_folder_loader(folder, batch_size=batch_size, workers=workers,
+                                          indices=score_idx):
+            xs_parts.append(xb)
+            ys_parts.append(yb)
+        xs = torch.cat(xs_parts) if xs_parts else torch.zeros(0, lm.preset.channels, lm.preset.size,
+                                                  lm.preset.size)
+        ys = torch.cat(ys_parts) if ys_parts else torch.zeros(0, dtype=torch.int64)
+        xe = image_folder_loader(folder, batch_size=batch_size, workers=workers,
+                                 indices=eval_idx) if eval_idx else None
+        return (xs, ys, xe, None, len(eval_idx),
+                f"{images_dir} (shuffled with seed {seed}; {len(score_idx)} scoring images "
+                f"in memory, {len(eval_idx)} evaluation images streamed)")
     xs, ys = reference_data(lm.preset, "train", n_images)
     xe, ye = reference_data(lm.preset, "test", n_eval)
-    return xs, ys, xe, ye, f"{lm.preset.dataset}: scoring = first {n_images} train images, " \
-                           f"evaluation = first {n_eval} test images"
+    return xs, ys, xe, ye, len(ye), (f"{lm.preset.dataset}: scoring = first {n_images} train "
+                                     f"images, evaluation = first {n_eval} test images")
 
 
 @click.command()
@@ -118,14 +134,15 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
 @click.option("--eval-images", "n_eval", type=click.IntRange(min=0), default=2000,
               show_default=True, help="Evaluation images (first N of the test split).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
+@workers_option
 @run_options
 @_fail_cleanly
 def car(model: str, layers: str | None, prune_amount: str | None, floor: float | None,
         scope: str, metric: str, classwise: bool, mode: str, delta: float, window: int | None,
         refresh: int | None, finetune_epochs: int, lr: float, finetune_images: int | None,
         fold: str, curves: bool, curve_points: int, weights: Path | None, preset: str | None,
-        images_dir: Path | None, n_images: int, n_eval: int, batch_size: int, device: str,
-        seed: int, out: Path, as_json: bool) -> None:
+        images_dir: Path | None, n_images: int, n_eval: int, batch_size: int, workers: int,
+        device: str, seed: int, out: Path, as_json: bool) -> None:
     """CAR (classification accuracy reduction) of MODEL's filters, then greedy pruning.
 
     Scores every filter of --layers by the drop of top-1 accuracy when it is removed (its
@@ -136,7 +153,11 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     netcarve.surgery.pruned.load_pruned), finetuned/ (--finetune) and summary.json.
 
     Scoring and greedy decisions use the first --images train images; accuracies are measured
-    on the first --eval-images test images; fine-tuning uses the train split.
+    on the first --eval-images test images; fine-tuning uses the train split. With
+    --images-dir the folder is shuffled (--seed): the first --images are decoded into memory
+    for scoring and greedy pruning (which re-evaluates them for every removal), the next
+    --eval-images are streamed from the folder (decoded by --workers processes), so memory
+    does not grow with the folder's size.
     """
     from netcarve.car.baselines import BASELINES, CurveReport, compare_methods
     from netcarve.car.engine import AblationEngine
@@ -157,10 +178,11 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     if isinstance(amount, float) and not 0 < amount < 1:
         raise AblationError(f"--prune ratio must lie in (0, 1), got {amount:g}")
     lm = load_cli_model(model, weights, preset, device)
-    xs, ys, xe, ye, data_note = _load_data(lm, images_dir, n_images, n_eval, seed)
+    xs, ys, xe, ye, n_eval_found, data_note = _load_data(lm, images_dir, n_images, n_eval,
+                                                          seed, workers, batch_size)
     if len(xs) == 0:
         raise DataError("the scoring data set is empty (--images 0 or an empty folder)")
-    if len(xe) == 0:
+    if n_eval_found == 0:
         raise DataError("the evaluation data set is empty (--eval-images 0, or no images left "
                         "after the scoring ones)")
     net = lm.model
@@ -209,7 +231,7 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
                               preset=lm.preset, engine=engine, delta=delta, seed=seed,
                               progress=advance)
     files["order"] = str(greedy.save(out / "order.csv"))
-    check = xe[:8] if xe.dtype != torch.uint8 else lm.preset.normalize(xe[:8])
+    check = xs[:8] if xs.dtype != torch.uint8 else lm.preset.normalize(xs[:8])
     probe = xs if xs.dtype != torch.uint8 else lm.preset.normalize(xs)
     pruned = prune_filters(net, greedy.masks, graph=graph, spec=lm.name, order=greedy.order,
                            check_input=check.to(device=p.device, dtype=p.dtype), fold=fold,
@@ -259,7 +281,7 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
         "model": lm.name, "weights": lm.weights, "data": data_note,
         "removal": "a removed filter outputs exactly 0 after its BatchNorm (bias and BN "
                    "shift removed)",
-        "n_scoring": len(ys), "n_eval": len(ye), "layers": names,
+        "n_scoring": len(ys), "n_eval": n_eval_found, "layers": names,
         "prunable_layers": prunable,
         "not_prunable": {n: w for n, w in why.items() if w is not None},
         "car": scores.to_dict(), "greedy": greedy.to_dict(),
@@ -279,7 +301,7 @@ def car(model: str, layers: str | None, prune_amount: str | None, floor: float |
     text = (f"{lm.name}: pruned {len(greedy.steps)} filter(s) of {', '.join(names)} by CAR "
             f"({greedy.mode}, {greedy.scope}); parameters {pruned.params_before:,} → "
             f"{pruned.params_after:,}, MACs {pruned.macs_before:,} → {pruned.macs_after:,}\n"
-            f"top-1 on {len(ye)} evaluation images: {acc_before.accuracy:.2%} → "
+            f"top-1 on {n_eval_found} evaluation images: {acc_before.accuracy:.2%} → "
             f"{acc_pruned.accuracy:.2%}"
             + ("" if tuned is None else f" → {tuned['accuracy_after']:.2%} fine-tuned")
             + f"\nwrote {out}/ (" + ", ".join(sorted({Path(v).name for v in files.values()}))

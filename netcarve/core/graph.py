@@ -52,8 +52,9 @@ import torch
 import torch.fx
 from torch import nn
 
+from netcarve.core._channel_maps import _shape_of
 from netcarve.core.layers import ChannelLink, GraphError, LayerInfo, MaskError, close_names
-from netcarve.core.tracing import _Builder, _shape_of
+from netcarve.core.tracing import _Builder
 
 __all__ = ["ModelGraph"]
 

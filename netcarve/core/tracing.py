@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +23,16 @@ from torch.nn.modules import instancenorm as _inorm
 from torch.nn.modules import padding as _pad
 from torch.nn.modules import pooling as _pool
 
+from netcarve.core._channel_maps import (
+    _CONST,
+    _dims,
+    _Grid,
+    _Map,
+    _Source,
+    _TupleMap,
+    _union,
+)
+from netcarve.core._movement import _DataMovement
 from netcarve.core.layers import ChannelLink, GraphError, LayerInfo
 
 if TYPE_CHECKING:  # the graph drives this module; only its type is needed here
@@ -33,54 +41,6 @@ if TYPE_CHECKING:  # the graph drives this module; only its type is needed here
 __all__: list[str] = []
 
 
-# --------------------------------------------------------------------------- channel maps
-
-_Source = tuple[str | None, int]
-
-
-@dataclass(frozen=True)
-class _Map:
-    """How dimension 1 of a tensor maps to channel sources.
-
-    Position ``p`` of dim 1 belongs to ``groups[p // spatial]``; each group is the set of
-    ``(layer or None, channel)`` that flow into it. ``error`` marks a tensor whose channels
-    were mixed by an unsupported op (the message says which op and where).
-    """
-
-    groups: tuple[frozenset[_Source], ...] = ()
-    spatial: int = 1
-    error: str | None = None
-
-    def expanded(self) -> tuple[frozenset[_Source], ...]:
-        """Groups per position of dim 1 (spatial 1)."""
-        if self.spatial == 1:
-            return self.groups
-        return tuple(g for g in self.groups for _ in range(self.spatial))
-
-
-@dataclass(frozen=True, eq=False)
-class _Grid:
-    """Channel sources of a tensor whose channels are spread over several dimensions.
-
-    A channel shuffle's ``[N, g, C/g, H, W]`` view or an ``NHWC`` permute has no single
-    channel dimension; ``ids`` (the tensor's shape without the batch) holds, per element, an
-    index into ``groups``. Only data-movement operations may act on it; a movement that
-    brings every channel back onto dim 1 turns it into a :class:`_Map` again.
-    """
-
-    groups: tuple[frozenset[_Source], ...]
-    ids: torch.Tensor
-    origin: str = ""  # the op (and where) that spread the channels
-
-
-@dataclass(frozen=True)
-class _TupleMap:
-    """Channel maps of the elements of a tuple-valued node (``torch.split`` etc.)."""
-
-    items: tuple[_Map | None, ...]
-
-
-_CONST = None  # map of a tensor that carries no input-dependent channels
 
 # short op names (torch / torch.nn.functional / operator / Tensor method) by category
 _ELEMENTWISE = {
@@ -155,66 +115,10 @@ def _function_name(target: Any) -> tuple[str, str]:
     return short, f"{module}.{qual}" if module else qual
 
 
-def _shape_of(value: Any) -> Any:
-    """Recorded shape: a tuple for a tensor, a list for a tuple of tensors, else None."""
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value]
-    return None
-
-
-def _dims(arg: Any, ndim: int) -> list[int] | None:
-    """Normalise a ``dim`` argument (int or sequence) to non-negative ints; None if absent."""
-    if arg is None:
-        return None
-    if isinstance(arg, int):
-        arg = [arg]
-    if not isinstance(arg, (list, tuple)) or not all(isinstance(d, int) for d in arg):
-        return None
-    return [d % ndim if ndim else d for d in arg]
-
-
-def _union(sets: Iterable[frozenset[_Source]]) -> frozenset[_Source]:
-    out: set[_Source] = set()
-    for s in sets:
-        out |= s
-    return frozenset(out)
-
-
-def _ids_of(m: _Map, shape: tuple[int, ...]) -> torch.Tensor:
-    """Per-element group indices (shape without the batch) of a tensor with map ``m``."""
-    per_pos = torch.arange(shape[1]) // m.spatial
-    return per_pos.view(-1, *([1] * (len(shape) - 2))).expand(*shape[1:])
-
-
-def _from_ids(groups: tuple[frozenset[_Source], ...], ids: torch.Tensor) -> _Map | _Grid:
-    """A :class:`_Map` when every position of dim 1 has one source group, else a grid."""
-    if ids.dim() == 0 or ids.shape[0] == 0:
-        return _Grid(groups, ids)
-    rows = ids.reshape(ids.shape[0], -1)
-    if rows.shape[1] and not bool((rows == rows[:, :1]).all()):
-        return _Grid(groups, ids)
-    idx = rows[:, 0] if rows.shape[1] else torch.zeros(ids.shape[0], dtype=torch.long)
-    width = idx.numel()
-    # fold runs of equal groups back into a spatial block (the layout a flatten gives)
-    spatial = 1
-    for s in range(width, 1, -1):
-        if width % s == 0 and bool((idx.view(-1, s) == idx.view(-1, s)[:, :1]).all()):
-            spatial = s
-            break
-    picked = idx.view(-1, spatial)[:, 0].tolist()
-    return _Map(tuple(groups[i] for i in picked), spatial)
-
-
-class _NotConcrete(Exception):
-    """An argument of a data-movement op is a tensor or a value the shape pass did not keep."""
-
-
 # --------------------------------------------------------------------------- builder
 
 
-class _Builder:
+class _Builder(_DataMovement):
     """Walks the fx graph once, computing channel maps and filling a :class:`ModelGraph`."""
 
     def __init__(
@@ -376,119 +280,6 @@ class _Builder:
                                                                 "interpolate", "upsample",
                                                                 "pad", "batch_norm",
                                                                 "instance_norm"))
-
-    def _linear_on_last_dim(self, node: torch.fx.Node) -> bool:
-        src = node.args[0] if node.args else None
-        in_shape = self.shapes.get(src) if isinstance(src, torch.fx.Node) else None
-        return isinstance(in_shape, tuple) and len(in_shape) > 2 and isinstance(
-            self.maps.get(src), _Map | _Grid)
-
-    def _trailing(self, node: torch.fx.Node) -> int | None:
-        """How many trailing dims a LayerNorm / channels-last Linear mixes (None: neither)."""
-        if node.op == "call_module":
-            mod = self.modules.get(str(node.target))
-            if isinstance(mod, nn.LayerNorm):
-                return len(mod.normalized_shape)
-            if isinstance(mod, nn.Linear) and self._linear_on_last_dim(node):
-                return 1
-            return None
-        if self._op_name(node)[0] == "layer_norm":
-            raw = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1
-                                  else None)
-            raw = self.values.get(raw, raw) if isinstance(raw, torch.fx.Node) else raw
-            if isinstance(raw, int):
-                return 1
-            if isinstance(raw, (list, tuple, torch.Size)):
-                return len(raw)
-        return None
-
-    def _mix_trailing(self, node: torch.fx.Node, k: int, shape: Any) -> Any:
-        """LayerNorm over trailing dims, or a Linear over the last dim: every output element
-        depends on every input element of its trailing block (channels mixed when the
-        block holds the channels, e.g. ConvNeXt's NHWC LayerNorm and pointwise Linears)."""
-        src = node.args[0] if node.args else None
-        m = self._first_map(node)
-        in_shape = self.shapes.get(src) if isinstance(src, torch.fx.Node) else None
-        if (not isinstance(m, _Map | _Grid) or not isinstance(in_shape, tuple)
-                or not isinstance(shape, tuple) or len(in_shape) != len(shape)
-                or len(in_shape) - 1 < k or (isinstance(m, _Map) and m.error)):
-            return self._mixed(node, "normalises or projects in a way netcarve cannot follow")
-        ids = m.ids if isinstance(m, _Grid) else _ids_of(m, in_shape)
-        lead = tuple(ids.shape[: ids.dim() - k])
-        rows = ids.reshape(-1, math.prod(ids.shape[ids.dim() - k:]))
-        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
-        groups = tuple(_union(m.groups[i] for i in row.unique().tolist()) for row in uniq)
-        out_ids = inverse.view(*lead, *([1] * k)).expand(*shape[1:])
-        result = _from_ids(groups, out_ids.contiguous())
-        qual = self._op_name(node)[1]
-        self.graph._mixing[self._module_path(node)] = (
-            f"{qual} over the last {k} dim(s) of its {in_shape} input")
-        if isinstance(result, _Grid):
-            result = _Grid(result.groups, result.ids, m.origin if isinstance(m, _Grid)
-                           else f"{qual} ({self._where(node)})")
-        return result
-
-    def _module_path(self, node: torch.fx.Node) -> str:
-        if node.op == "call_module":
-            return str(node.target)
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            last = list(stack.values())[-1]
-            return last[0] if isinstance(last, tuple) else str(last)
-        return node.name
-
-    def _first_map(self, node: torch.fx.Node) -> Any:
-        src = node.args[0] if node.args else None
-        return self.maps.get(src) if isinstance(src, torch.fx.Node) else None
-
-    def _simulate(self, node: torch.fx.Node, shape: Any, failed: _Map | None) -> Any:
-        """Follow a data-movement op (view, permute, transpose, indexing, ...) exactly by
-        running it on a tensor of channel-group indices."""
-        src = node.args[0] if node.args else None
-        m = self._first_map(node)
-        in_shape = self.shapes.get(src) if isinstance(src, torch.fx.Node) else None
-        why = failed or self._mixed(node, "moves data in a way netcarve cannot follow")
-        if not isinstance(m, _Map | _Grid) or not isinstance(in_shape, tuple) or not in_shape:
-            return why
-        if isinstance(m, _Map):
-            if len(in_shape) < 2:
-                return why
-            groups, ids = m.groups, _ids_of(m, in_shape)
-        else:
-            groups, ids = m.groups, m.ids
-        batch, n_groups = in_shape[0], max(len(groups), 1)
-        offset = (torch.arange(batch) * n_groups).view(-1, *([1] * ids.dim()))
-        tag = (ids.unsqueeze(0) + offset).contiguous()
-
-        def concrete(a: torch.fx.Node) -> Any:
-            if a is src:
-                return tag
-            if a in self.values:
-                return self.values[a]
-            raise _NotConcrete(a.name)
-
-        try:
-            args = torch.fx.node.map_arg(node.args, concrete)
-            kwargs = torch.fx.node.map_arg(node.kwargs, concrete)
-            if node.op == "call_method":
-                out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
-            elif node.op == "call_function":
-                out = node.target(*args, **kwargs)  # type: ignore[operator]
-            else:
-                out = self.modules[str(node.target)](*args, **kwargs)
-        except Exception:
-            return why
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or not shape:
-            return why
-        if out.shape[0] != batch or not bool(
-            (out.reshape(batch, -1) // n_groups == torch.arange(batch)[:, None]).all()
-        ):
-            return self._mixed(node, "moves data between images of the batch")
-        result = _from_ids(groups, out[0].clone())
-        if isinstance(result, _Grid):
-            origin = f"{self._op_name(node)[1]} ({self._where(node)})"
-            result = _Grid(result.groups, result.ids, origin)
-        return result
 
     def _classify_simple(self, node: torch.fx.Node, feats: list[Any], shape: Any) -> Any:
         if node.op == "call_module":

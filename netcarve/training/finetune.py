@@ -82,7 +82,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
     return shifted[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
 
 
-def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def _accuracy(model: nn.Module, images: Any, labels: torch.Tensor | None,
               preset: Preset | None, batch_size: int, device: torch.device) -> float:
     from netcarve.training.evaluation import evaluate
 
@@ -104,7 +104,7 @@ def finetune(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     augment: bool = True,
-    eval_images: torch.Tensor | None = None,
+    eval_images: torch.Tensor | Any = None,
     eval_labels: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> FinetuneResult:
@@ -123,7 +123,8 @@ def finetune(
         batch_size: images per step.
         momentum / weight_decay: SGD settings.
         augment: random flips and shifts.
-        eval_images / eval_labels: measure top-1 accuracy before and after on these.
+        eval_images / eval_labels: measure top-1 accuracy before and after on these (or
+            on a stream of ``(images, labels)`` batches given as ``eval_images``).
         inplace: train ``model`` itself.
 
     Returns:
@@ -160,10 +161,12 @@ def finetune(
     net = model if inplace else copy.deepcopy(model)
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in net.parameters()), torch.float32)
-    has_eval = eval_images is not None and eval_labels is not None
+    # a stream's batches carry their labels; a tensor needs eval_labels
+    has_eval = eval_images is not None and (
+        eval_labels is not None or not isinstance(eval_images, torch.Tensor))
     before = None
     if has_eval:
-        assert eval_images is not None and eval_labels is not None
+        assert eval_images is not None
         before = _accuracy(net, eval_images, eval_labels, preset, batch_size, device)
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
@@ -205,7 +208,7 @@ def finetune(
     seconds = time.perf_counter() - start
     after = None
     if has_eval:
-        assert eval_images is not None and eval_labels is not None
+        assert eval_images is not None
         after = _accuracy(net, eval_images, eval_labels, preset, batch_size, device)
     return FinetuneResult(net, epochs, lr, seed, batch_size, len(images), total, losses,
                           before, after, seconds)

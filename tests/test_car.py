@@ -65,6 +65,22 @@ def test_car_scores_match_the_definition(data) -> None:
     assert sorted(ranking) == list(range(6))
 
 
+def test_car_scores_over_a_stream_equal_the_tensor_scores(data) -> None:
+    """A DataLoader is scored chunk by chunk (evaluate_stream): the same CAR, the same
+    rankings, the same class-wise counts, and the classes counted from the stream."""
+    net, x, y, graph = data
+    want = car_scores(net, x, y, None, graph=graph, batch_size=16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=9)
+    got = car_scores(net, loader, None, None, batch_size=16)
+    assert got.n_images == want.n_images == 60 and got.class_names == want.class_names
+    for name, lc in want.layers.items():
+        other = got.layers[name]
+        assert other.filters == lc.filters
+        assert torch.equal(other.car, lc.car)  # top-1 counts: integers, no near-ties here
+        assert torch.allclose(other.loss_car, lc.loss_car, rtol=1e-5, atol=1e-7)
+        assert other.ranking() == lc.ranking()
+
+
 def test_car_report_save_and_dict(data, tmp_path) -> None:
     net, x, y, graph = data
     rep = car_scores(net, x, y, None, graph=graph, batch_size=30, model_name="plain")

@@ -224,8 +224,8 @@ class CARReport:
 
 def car_scores(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    images: torch.Tensor | Any,
+    labels: torch.Tensor | None,
     layers: str | Sequence[str] | None = None,
     *,
     metric: MetricLike = "top1",
@@ -240,8 +240,10 @@ def car_scores(
 
     Args:
         model: the classifier (comes back unchanged).
-        images: scoring images, float normalised or uint8 (with ``preset``).
-        labels: int64 ``[N]``.
+        images: scoring images, float normalised or uint8 (with ``preset``), or a stream
+            (DataLoader / iterable of ``(images, labels)`` batches) read once per layer and
+            evaluated one bounded chunk at a time (:func:`~netcarve.car.streamed.evaluate_stream`).
+        labels: int64 ``[N]`` (None for a stream).
         layers: a layer, ``"a,b"``, a list, or None for every conv layer.
         metric: ``"top1"`` (default), ``"top5"``, ``"loss"`` or a callable / Metric.
         preset: the model's preset (for uint8 images and class names).
@@ -263,6 +265,9 @@ def car_scores(
     """
     m = resolve_metric(metric)
     start = time.perf_counter()
+    if engine is None and not isinstance(images, torch.Tensor):
+        return _streamed_scores(model, images, layers, m, preset, graph, batch_size, fixed,
+                                model_name, start)
     eng = _engine(model, images, labels, preset, graph, batch_size, m, engine)
     counts = ForwardCounts()
     out: dict[str, LayerCAR] = {}
@@ -277,6 +282,37 @@ def car_scores(
         out[name] = _layer_car(name, filters, stats, m)
     return CARReport(out, m.name, len(eng.labels), _class_names(preset, eng.num_classes),
                      counts, time.perf_counter() - start, model_name)
+
+
+def _streamed_scores(model: nn.Module, images: Any, layers: str | Sequence[str] | None,
+                     m: Metric, preset: Preset | None, graph: ModelGraph | None,
+                     batch_size: int, fixed: dict[str, torch.Tensor] | None, model_name: str,
+                     start: float) -> CARReport:
+    """:func:`car_scores` over a stream: each layer's removals in one pass, chunk by chunk."""
+    from netcarve.car.streamed import evaluate_stream
+    from netcarve.data.stream import as_stream
+
+    stream = as_stream(images, preset=preset)
+    if graph is None:
+        param = next(model.parameters())
+        graph = ModelGraph.build(model, stream.first(device=param.device, dtype=param.dtype))
+    counts = ForwardCounts()
+    out: dict[str, LayerCAR] = {}
+    n = k = 0
+    for name in resolve_layers(graph, layers):
+        info = graph.layer(name)
+        own = (fixed or {}).get(name)
+        keep = torch.ones(info.out_channels, dtype=torch.bool) if own is None else \
+            torch.as_tensor(own).cpu().bool()
+        filters = keep.nonzero().reshape(-1).tolist()
+        stats = evaluate_stream(model, name, single_removals(info.out_channels, filters, keep),
+                                stream, graph=graph, preset=preset, fixed=fixed,
+                                batch_size=batch_size, metric=m if m.fn else None)
+        counts.add(stats.counts)
+        out[name] = _layer_car(name, filters, stats, m)
+        n, k = stats.n, stats.num_classes
+    return CARReport(out, m.name, n, _class_names(preset, k), counts,
+                     time.perf_counter() - start, model_name)
 
 
 # --------------------------------------------------------------------------- class-wise

@@ -36,6 +36,7 @@ def evaluate_stream(
     fixed: dict[str, torch.Tensor] | None = None,
     batch_size: int = 100,
     chunk_images: int = 1000,
+    metric: Any = None,
 ) -> AblationStats:
     """Statistics of the classifier under each candidate keep mask, over a stream.
 
@@ -51,6 +52,8 @@ def evaluate_stream(
         fixed: removals already made on other layers (``{layer: bool keep}``).
         batch_size: images per forward pass.
         chunk_images: images per engine (the memory bound).
+        metric: a custom metric (callable / :class:`~netcarve.car.stats.Metric`) whose sums
+            are also collected, as in :class:`~netcarve.car.engine.AblationEngine`.
 
     Returns:
         the merged :class:`AblationStats` (``n`` = every image of the stream).
@@ -75,7 +78,7 @@ def evaluate_stream(
 
     def flush() -> None:
         engine = AblationEngine(model, torch.cat(xs), torch.cat(ys), graph=graph,
-                                batch_size=batch_size)
+                                batch_size=batch_size, metric=metric)
         parts.append(engine.evaluate(layer, candidates, fixed))
         xs.clear()
         ys.clear()

@@ -175,3 +175,30 @@ def test_custom_extensions_and_nested_files(tmp_path):
     only_png = load_image_folder(tmp_path, RGB8, extensions=("png",))
     assert [p.name for p in only_png.paths] == ["x.png"]
     assert len(load_image_folder(tmp_path, RGB8)) == 2
+
+
+def test_dataset_load_decodes_only_the_requested_items(tmp_path, monkeypatch):
+    """``ImageFolderDataset.load`` gives exactly the rows of ``load_image_folder`` and decodes
+    nothing else; ``analysis_data`` on a folder therefore reads only its drawn images."""
+    from netcarve.data import ImageFolderDataset
+    from netcarve.training.evaluation import analysis_data
+
+    gen = np.random.default_rng(0)
+    for i in range(12):
+        save(tmp_path / ("a" if i % 3 else "b") / f"{i:02d}.png",
+             gen.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    whole = load_image_folder(tmp_path, RGB8)
+    ds = ImageFolderDataset(tmp_path, RGB8)
+    read: list[int] = []
+    real = ImageFolderDataset.read_pixels
+    monkeypatch.setattr(ImageFolderDataset, "read_pixels",
+                        lambda self, i: read.append(i) or real(self, i))
+    x, y = ds.load([7, 2, 11])
+    assert read == [7, 2, 11]
+    assert torch.equal(x, whole.images[[7, 2, 11]]) and torch.equal(y, whole.labels[[7, 2, 11]])
+    read.clear()
+    scoring, heldout = analysis_data(RGB8, 3, 2, images_dir=str(tmp_path), seed=4)
+    assert len(read) == 5
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(scoring, whole.images[perm[:3]])
+    assert torch.equal(heldout, whole.images[perm[3:5]])

@@ -65,14 +65,7 @@ def _load_data(lm: Any, images_dir: Path | None, n_images: int, n_eval: int, see
             raise DataError(f"{images_dir} has {len(perm)} images; --images {n_images} leaves "
                             "none for evaluation")
         score_idx, eval_idx = perm[:n_images], perm[n_images:n_images + n_eval]
-        xs_parts, ys_parts = [], []
-        for xb, yb in image_folder_loader(folder, batch_size=batch_size, workers=workers,
-                                          indices=score_idx):
-            xs_parts.append(xb)
-            ys_parts.append(yb)
-        xs = torch.cat(xs_parts) if xs_parts else torch.zeros(0, lm.preset.channels, lm.preset.size,
-                                                  lm.preset.size)
-        ys = torch.cat(ys_parts) if ys_parts else torch.zeros(0, dtype=torch.int64)
+        xs, ys = folder.load(score_idx)
         xe = image_folder_loader(folder, batch_size=batch_size, workers=workers,
                                  indices=eval_idx) if eval_idx else None
         return (xs, ys, xe, None, len(eval_idx),

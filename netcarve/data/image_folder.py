@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +227,27 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         pixels = torch.from_numpy(self.read_pixels(index)).permute(2, 0, 1)[None]
         return self.preset.normalize(pixels.contiguous())[0], int(self.labels[index])
+
+    def load(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode only these items into memory: ``(images [K, C, H, W], labels [K])``.
+
+        Memory grows with ``len(indices)``, not with the folder (e.g. a seeded sample of a
+        folder of any size).
+
+        Raises:
+            DataError: an undecodable file (named).
+
+        Example:
+            >>> x, y = ImageFolderDataset("photos", preset).load(range(100))  # doctest: +SKIP
+        """
+        idx = [int(i) for i in indices]
+        size = (self.preset.channels, self.preset.size, self.preset.size)
+        images = torch.empty(len(idx), *size)
+        for row, i in enumerate(idx):
+            images[row] = self[i][0]
+        labels = self.labels[torch.tensor(idx, dtype=torch.int64)] if idx else \
+            torch.zeros(0, dtype=torch.int64)
+        return images, labels
 
 
 def load_image_folder(

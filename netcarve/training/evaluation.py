@@ -213,16 +213,17 @@ def analysis_data(
         raise DataError("need at least one scoring and one held-out image")
     gen = torch.Generator().manual_seed(seed)
     if images_dir is not None:
-        from netcarve.data import load_image_folder
+        from netcarve.data import ImageFolderDataset
 
-        folder = load_image_folder(images_dir, preset)
-        if len(folder.images) < n_scoring + n_heldout:
+        folder = ImageFolderDataset(images_dir, preset)
+        if len(folder) < n_scoring + n_heldout:
             raise DataError(
-                f"{images_dir} has {len(folder.images)} images; {n_scoring} scoring + "
+                f"{images_dir} has {len(folder)} images; {n_scoring} scoring + "
                 f"{n_heldout} held-out requested: lower --images/--heldout"
             )
-        perm = torch.randperm(len(folder.images), generator=gen)
-        x = folder.images[perm]
+        perm = torch.randperm(len(folder), generator=gen)
+        # only the drawn images are decoded: memory does not grow with the folder
+        x, _ = folder.load(perm[: n_scoring + n_heldout].tolist())
         return x[:n_scoring], x[n_scoring : n_scoring + n_heldout]
     train_x, _ = reference_data(preset, "train")
     test_x, _ = reference_data(preset, "test")

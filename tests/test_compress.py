@@ -131,6 +131,26 @@ def test_grouped_convs_are_refused() -> None:
     assert why["point"] is None
 
 
+class _MeanHead(nn.Module):
+    """conv-BN-ReLU, then ``x.mean(dims)`` into a Linear (ShuffleNetV2's head)."""
+
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.bn(self.conv(x))).mean(self.dims)
+        return self.fc(z.flatten(1))
+
+
+def test_spatial_mean_keeps_removed_channels_at_zero() -> None:
+    x = torch.randn(5, 3, 6, 6)
+    check_equivalence(randomise_bn(_MeanHead([2, 3])), x, ["conv"])
+
+
 def test_sizes_by_hand() -> None:
     net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).eval()

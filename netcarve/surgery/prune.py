@@ -95,6 +95,8 @@ _ZERO_SAFE_FUNCS = {
     "flatten", "view", "reshape", "contiguous", "clone", "detach", "interpolate",
     "upsample", "upsample_nearest", "squeeze", "unsqueeze",
 }
+# Reductions that keep a zero channel at zero when they run over positions only.
+_SPATIAL_REDUCE = {"mean", "sum", "amax", "nanmean", "nansum"}
 # Reading the shape does not carry channel values onwards.
 _SHAPE_FUNCS = {"size", "dim", "getattr", "shape"}
 _SCALING = {"mul", "mul_", "imul", "truediv", "itruediv", "div", "div_"}
@@ -167,6 +169,9 @@ def _why_not(graph: ModelGraph, layer: str) -> str | None:
             name = _short_name(user)
             if name in _SHAPE_FUNCS:
                 continue
+            if name in _SPATIAL_REDUCE and _reduces_spatial_only(user):
+                todo.append(user)  # a mean / sum / max over positions of a zero channel is 0
+                continue
             if name in {"cat", "concat", "concatenate"}:
                 todo.append(user)
                 continue
@@ -198,6 +203,15 @@ def _why_not(graph: ModelGraph, layer: str) -> str | None:
                 return (f"{layer}'s channels are merged with other channels before {consumer} "
                         "(e.g. a residual addition)")
     return None
+
+
+def _reduces_spatial_only(node: torch.fx.Node) -> bool:
+    """A reduction whose ``dim`` argument names positions only (dims >= 2), as in
+    ``x.mean([2, 3])`` before a classifier."""
+    raw = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = [raw] if isinstance(raw, int) else raw
+    return isinstance(dims, (list, tuple)) and bool(dims) and all(
+        isinstance(d, int) and d >= 2 for d in dims)
 
 
 def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:

@@ -90,10 +90,10 @@ def atlas(model: str, layers: str, units: str, goal: float, search_on: str, crit
     x = y = None
     if car_images:
         if images_dir is not None:
-            from netcarve.data import load_image_folder
+            from netcarve.data import ImageFolderDataset
 
-            data = load_image_folder(images_dir, lm.preset)
-            x, y = data.images[:car_images], data.labels[:car_images]
+            data = ImageFolderDataset(images_dir, lm.preset)  # decodes only these images
+            x, y = data.load(range(min(car_images, len(data))))
         else:
             x, y = reference_data(lm.preset, "test", car_images)
     run = run_atlas(lm.model, layers, out, scoring, heldout, units=units, config=config,

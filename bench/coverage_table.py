@@ -147,9 +147,13 @@ def main() -> None:
         "are over its convolutions (stem, depthwise 7×7, downsampling); the Linears' "
         "weights are never masked and are not layers (`graph.layer(...)` says so).",
         "- Physical pruning removes a filter only where the removal is exactly the masked "
-        "model: not a grouped or depthwise conv, not a layer feeding one, not a layer whose "
-        "channels meet a residual add or pass through a BatchNorm that is not its own. "
-        "Each refusal names its layer and reason (`prunable_layers`).",
+        "model: not a grouped conv or a layer feeding one, not a layer whose channels meet a "
+        "residual add or pass through a BatchNorm that is not its own. A layer feeding a "
+        "depthwise conv is prunable when the depthwise channels reach the next layers as "
+        "constants (their channel goes too, the constant is folded into the next bias): "
+        "MobileNetV2's and ShuffleNetV2's expand convs, not MobileNetV3's / EfficientNet's "
+        "(a squeeze-excitation gate follows). Each refusal names its layer and reason "
+        "(`prunable_layers`).",
         "- Real torchvision/timm models on a GPU (issue 13 part 5) are not in this table: "
         "no GPU was lent to the session that generated it.",
         "",

@@ -151,6 +151,46 @@ def test_spatial_mean_keeps_removed_channels_at_zero() -> None:
     check_equivalence(randomise_bn(_MeanHead([2, 3])), x, ["conv"])
 
 
+def test_depthwise_channels_go_with_their_input_filter(tmp_path) -> None:
+    """MobileNetV2: an expand conv's filter takes its depthwise channel with it; the
+    depthwise filter's constant output (its BatchNorm shift through ReLU6) is folded into the
+    project conv's new bias, so the result equals the masked model; it saves and reloads."""
+    import _families as fam
+
+    net = fam.build("mobilenet_v2")
+    x = torch.randn(5, 3, 32, 32)
+    check_equivalence(net, x, ["features.2.conv.0.0", "features.3.conv.0.0",
+                               "features.4.conv.0.0", "features.4.conv.2.0", "features.5.0"])
+    graph = ModelGraph.build(net, x[:1])
+    keep = torch.ones(24, dtype=torch.bool)
+    keep[[1, 5, 6, 20]] = False
+    pruned = prune_filters(net, {"features.2.conv.0.0": keep}, graph=graph, example_input=x,
+                           spec="_families:MobileNetV2")
+    mods = dict(pruned.module.named_modules())
+    dw = mods["features.2.conv.1.0"]
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (20, 20, 20)
+    assert tuple(dw.weight.shape) == (20, 1, 3, 3)
+    assert mods["features.2.conv.1.1"].num_features == 20
+    project = mods["features.2.conv.2.0"]
+    assert project.in_channels == 20 and project.bias is not None  # the folded constants
+    assert dict(net.named_modules())["features.2.conv.2.0"].bias is None  # original untouched
+    again = load_pruned(pruned.save(tmp_path / "pruned"), architecture=fam.MobileNetV2)
+    with torch.no_grad():
+        assert torch.equal(again.module(x), pruned.module(x))
+
+
+def test_depthwise_with_a_gate_or_zero_padding_is_refused() -> None:
+    import _families as fam
+
+    net = fam.build("mobilenet_v3")
+    why = prunable_layers(net, example_input=torch.randn(1, 3, 32, 32))
+    assert "squeeze-excitation gate" in why["features.3.conv.0.0"]
+    padded = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, groups=4),
+                           nn.Conv2d(4, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, 2))
+    why = prunable_layers(padded.eval(), example_input=torch.randn(1, 3, 6, 6))
+    assert "zero-padded conv" in why["0"]
+
+
 def test_sizes_by_hand() -> None:
     net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).eval()

@@ -20,7 +20,7 @@ from netcarve.core.layers import GraphError
 
 FAMILIES = list(fam.FAMILIES)
 # filters of these families cannot be removed physically (reason asserted below)
-NOT_PRUNABLE = {"convnext": "grouped conv"}
+NOT_PRUNABLE = {"convnext": "is a grouped or transposed conv"}
 
 
 @pytest.fixture(autouse=True)

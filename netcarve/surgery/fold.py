@@ -175,8 +175,11 @@ def _check(mod: nn.Module, layer: str) -> None:
         return
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not mod.transposed and mod.groups == 1:
         return
+    kind = type(mod).__name__ + (f" with groups={mod.groups} (the depthwise conv that "
+                                 "loses its channels with the pruned filters)"
+                                 if getattr(mod, "groups", 1) != 1 else "")
     raise FoldError(f"fold='lstsq' refits Linear, Conv1d and Conv2d layers (groups=1); "
-                    f"{layer} is a {type(mod).__name__}. Use fold='none' for this model")
+                    f"{layer} is a {kind}. Use fold='none' for this model")
 
 
 class _Stats:

@@ -19,7 +19,13 @@ Not prunable, with the reason in the error:
   the add's channel ``c`` would still carry the other operand, so removing the filter is not
   removing the channel. In a ResNet block this leaves the first conv of each block (and a
   stem that feeds only convolutions) prunable, not the block's last conv or its shortcut;
-* a layer feeding a grouped or depthwise conv, a grouped conv itself;
+* a grouped conv itself, a layer feeding a grouped conv; a layer feeding a *depthwise* conv
+  (MobileNetV2's expand conv) is prunable when the depthwise channels reach the next layers
+  as constants (through BatchNorm, activations, pooling; into unpadded convs or Linears):
+  the depthwise channel then goes with the filter, and its constant output (e.g. its
+  BatchNorm shift through ReLU6) is folded into the biases of the layers it fed, so the
+  result still equals the masked model. Not with a squeeze-excitation gate in between (the
+  gate makes the channel input-dependent) or a zero-padded conv after it;
 * the output layer (its units are the logits);
 * a layer followed by an activation with ``f(0) != 0`` (sigmoid) or by a BatchNorm that is not
   its own.
@@ -67,6 +73,7 @@ from netcarve.surgery.pruned import (
     _apply_structure,
     _base_spec,
     _check_masks,
+    depthwise_followers,
 )
 
 __all__ = ["prunable_layers", "prune_filters"]
@@ -95,6 +102,14 @@ _ZERO_SAFE_FUNCS = {
     "flatten", "view", "reshape", "contiguous", "clone", "detach", "interpolate",
     "upsample", "upsample_nearest", "squeeze", "unsqueeze",
 }
+# Channel-wise ops that keep a spatially constant channel constant (for the channels of a
+# depthwise conv whose only input channel was removed).
+_CONSTANT_SAFE_MODULES: tuple[type[nn.Module], ...] = (
+    *(m for m in _ZERO_SAFE_MODULES if m is not _pool._AvgPoolNd and m is not nn.Upsample),
+    _pool._AvgPoolNd, _act.Sigmoid, _act.Hardsigmoid, _act.Softplus, _act.LogSigmoid,
+)
+_CONSTANT_SAFE_FUNCS = (_ZERO_SAFE_FUNCS - {"interpolate", "upsample", "upsample_nearest"}) | {
+    "sigmoid", "sigmoid_", "hardsigmoid", "softplus", "logsigmoid"}
 # Reductions that keep a zero channel at zero when they run over positions only.
 _SPATIAL_REDUCE = {"mean", "sum", "amax", "nanmean", "nansum"}
 # Reading the shape does not carry channel values onwards.
@@ -149,6 +164,13 @@ def _why_not(graph: ModelGraph, layer: str) -> str | None:
                 target = str(user.target)
                 sub = modules[target]
                 if target in graph.layers:
+                    if target in depthwise_followers(graph, layer):
+                        why = _why_not_constant(graph, target)
+                        if why is not None:
+                            return (f"{layer} feeds the depthwise conv {target}, whose channel "
+                                    f"would have to go with each removed filter, but {why}")
+                        reaches_layer = True
+                        continue
                     if isinstance(sub, _conv._ConvNd) and sub.groups != 1:
                         return (f"{layer} feeds the grouped conv {target} (groups="
                                 f"{sub.groups}); removing an input channel would break its "
@@ -205,6 +227,61 @@ def _why_not(graph: ModelGraph, layer: str) -> str | None:
     return None
 
 
+def _why_not_constant(graph: ModelGraph, dw: str) -> str | None:
+    """None when every channel of the depthwise conv ``dw`` reaches the layers it feeds as a
+    spatially constant channel whenever its input channel is zero, so that the channel can be
+    removed and its constant folded into their biases; else the reason."""
+    gm = graph.traced
+    assert gm is not None
+    modules = dict(gm.named_modules())
+    todo = [_layer_node(gm, dw)]
+    seen: set[torch.fx.Node] = set()
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "output":
+                return f"{dw}'s channels reach the model output"
+            if user.op == "call_module":
+                target = str(user.target)
+                sub = modules[target]
+                if target in graph.layers:
+                    if isinstance(sub, _conv._ConvNd) and (
+                            sub.groups != 1 or any(int(p) for p in _padding(sub))):
+                        return (f"{dw}'s channels feed {target}, a grouped or zero-padded conv "
+                                "(a constant channel would not stay constant at its borders)")
+                    continue
+                if isinstance(sub, _pool._AvgPoolNd) and any(int(p) for p in _padding(sub)):
+                    return f"{dw}'s channels pass through the zero-padded average pool {target}"
+                if isinstance(sub, (_bn._BatchNorm, *_CONSTANT_SAFE_MODULES)):
+                    todo.append(user)
+                    continue
+                return f"{dw}'s channels pass through {target} ({type(sub).__name__})"
+            name = _short_name(user)
+            if name in _SHAPE_FUNCS:
+                continue
+            others = [a for a in _tensor_args(user) if a is not node]
+            if name in _CONSTANT_SAFE_FUNCS and not others:
+                todo.append(user)
+                continue
+            if name in _SPATIAL_REDUCE and _reduces_spatial_only(user):
+                todo.append(user)
+                continue
+            return (f"{dw}'s channels meet '{name}'" + (" with another tensor (e.g. a "
+                    "squeeze-excitation gate), so a removed channel is not a constant there"
+                    if others else ""))
+    return None
+
+
+def _padding(mod: nn.Module) -> tuple[int, ...]:
+    pad = getattr(mod, "padding", 0)
+    if isinstance(pad, str):
+        return (0,) if pad == "valid" else (1,)
+    return tuple(pad) if isinstance(pad, (tuple, list)) else (int(pad),)
+
+
 def _reduces_spatial_only(node: torch.fx.Node) -> bool:
     """A reduction whose ``dim`` argument names positions only (dims >= 2), as in
     ``x.mean([2, 3])`` before a classifier."""
@@ -245,6 +322,66 @@ def prunable_layers(model: nn.Module, graph: ModelGraph | None = None,
     """
     graph = _graph(model, graph, example_input)
     return {name: _why_not(graph, name) for name in graph.layers}
+
+
+def _folded_constants(model: nn.Module, graph: ModelGraph, masks: dict[str, torch.Tensor],
+                      x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Input values of the layers fed by a coupled depthwise conv, under the masks: the
+    removed depthwise channels are constant there (checked), to be folded into their biases.
+
+    Returns ``{layer: per input position (conv) or column (Linear) value}``.
+    """
+    readers = {p for name in masks for dw in depthwise_followers(graph, name)
+               for p in graph.consumers(dw)}
+    if not readers:
+        return {}
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen[name] = args[0].detach().clone()
+        return record
+
+    handles = [modules[p].register_forward_pre_hook(hook(p)) for p in readers]
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            with apply_filter_masks(model, graph, masks):
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    removed: dict[str, set[int]] = {}
+    for name, keep in masks.items():
+        gone = set((~keep).nonzero().reshape(-1).tolist())
+        for dw in depthwise_followers(graph, name):
+            dw_gone = {pos for link in graph.links[dw] if link.source == name
+                       for s, pos in zip(link.source_channels.tolist(),
+                                         link.input_channels.tolist(), strict=True) if s in gone}
+            for reader in graph.consumers(dw):
+                for link in graph.links[reader]:
+                    if link.source == dw:
+                        removed.setdefault(reader, set()).update(
+                            pos for s, pos in zip(link.source_channels.tolist(),
+                                                  link.input_channels.tolist(), strict=True)
+                            if s in dw_gone)
+    out: dict[str, torch.Tensor] = {}
+    for reader, value in seen.items():
+        spatial = graph.layers[reader].spatial
+        # one row per input position (conv channel, or Linear column)
+        flat = value.transpose(0, 1).flatten(1)
+        scale = float(value.abs().max()) or 1.0
+        cols = sorted(c * spatial + k for c in removed.get(reader, ()) for k in range(spatial))
+        if cols:
+            rows = flat[torch.tensor(cols, dtype=torch.int64, device=flat.device)]
+            spread = float((rows.max(1).values - rows.min(1).values).max())
+            if spread > 1e-6 * scale:
+                raise CompressError(
+                    f"a removed depthwise channel does not reach {reader} as a constant "
+                    f"(spread {spread:.3g}); its constant cannot be folded into the bias")
+        out[reader] = flat[:, 0].double().cpu()
+    return out
 
 
 def _graph(model: nn.Module, graph: ModelGraph | None,
@@ -324,10 +461,6 @@ def prune_filters(
             ok = [n for n in graph.layers if _why_not(graph, n) is None]
             raise CompressError(f"cannot remove filters of {name} physically: {why}. Prunable "
                                 f"layers of this model: {', '.join(ok) or 'none'}")
-    with preserved_state(model):
-        new = copy.deepcopy(model)
-    _apply_structure(new, graph, checked)
-    new.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     if check_input is None:
@@ -336,6 +469,11 @@ def prune_filters(
         gen = torch.Generator().manual_seed(0)
         check_input = torch.randn(4, *graph.input_shape, generator=gen)
     x = check_input.to(device=device, dtype=dtype)
+    constants = _folded_constants(model, graph, checked, x)
+    with preserved_state(model):
+        new = copy.deepcopy(model)
+    _apply_structure(new, graph, checked, constants)
+    new.eval()
     with preserved_state(model), torch.no_grad():
         model.eval()
         with apply_filter_masks(model, graph, checked):

@@ -189,24 +189,92 @@ def _slice_in(mod: nn.Module, keep_pos: torch.Tensor, spatial: int) -> None:
         mod.in_features = len(cols)
 
 
+def depthwise_followers(graph: ModelGraph, layer: str) -> list[str]:
+    """Depthwise convs (one filter per input channel, ``groups == in == out``) that
+    ``layer`` feeds: removing a filter of ``layer`` removes their channel with it (the
+    depthwise filter then reads only zeros; its constant output is folded into the layers it
+    feeds, see :func:`netcarve.surgery.prune.prune_filters`)."""
+    out = []
+    for consumer in graph.consumers(layer):
+        info = graph.layers[consumer]
+        if info.kind == "conv" and 1 < info.groups == info.in_channels == info.out_channels:
+            out.append(consumer)
+    return out
+
+
+def _removed_positions(graph: ModelGraph, source: str, gone: set[int],
+                       removed_pos: dict[str, set[int]], skip: set[str]) -> None:
+    for consumer in graph.consumers(source):
+        if consumer in skip:
+            continue
+        for link in graph.links[consumer]:
+            if link.source != source:
+                continue
+            hit = [p for s, p in zip(link.source_channels.tolist(),
+                                     link.input_channels.tolist(), strict=True) if s in gone]
+            removed_pos.setdefault(consumer, set()).update(hit)
+
+
+def _fold_constants(mod: nn.Module, gone_pos: set[int], spatial: int,
+                    values: torch.Tensor | None) -> None:
+    """Add the contribution of constant input channels (about to be removed) to the bias."""
+    weight = mod.weight
+    if getattr(mod, "bias", None) is None:
+        out = weight.shape[0]
+        mod.bias = nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device),
+                                requires_grad=weight.requires_grad)
+    if values is None:
+        return  # rebuilding a saved structure: the saved weights hold the folded bias
+    pos = torch.tensor(sorted(gone_pos), dtype=torch.int64)
+    with torch.no_grad():
+        if isinstance(mod, _conv._ConvNd):
+            taps = weight.index_select(1, pos.to(weight.device)).flatten(2).sum(2)
+            mod.bias += taps @ values[pos].to(weight)
+        else:
+            cols = (pos[:, None] * spatial + torch.arange(spatial)[None, :]).reshape(-1)
+            mod.bias += weight.index_select(1, cols.to(weight.device)) @ values[cols].to(weight)
+
+
 def _apply_structure(module: nn.Module, graph: ModelGraph,
-                     masks: dict[str, torch.Tensor]) -> None:
-    """Resize ``module`` (a copy) in place for ``masks`` (validated, prunable)."""
+                     masks: dict[str, torch.Tensor],
+                     constants: dict[str, torch.Tensor] | None = None) -> None:
+    """Resize ``module`` (a copy) in place for ``masks`` (validated, prunable).
+
+    A depthwise conv fed by a pruned layer loses the same channels; ``constants`` holds, for
+    each layer that depthwise conv feeds, its input values under the masks (the removed
+    channels are constant there and are folded into its bias). Without ``constants`` (when
+    a saved model is rebuilt) the biases are only created, for the saved weights to fill.
+    """
     mods = dict(module.named_modules())
     removed_pos: dict[str, set[int]] = {}
+    folded: set[str] = set()
     for name, keep in masks.items():
         idx = keep.nonzero().reshape(-1)
         _slice_out(mods[name], idx)
         for bn_name in graph.bn_after.get(name, []):
             _slice_bn(mods[bn_name], idx)  # type: ignore[arg-type]
         gone = set((~keep).nonzero().reshape(-1).tolist())
-        for consumer in graph.consumers(name):
-            for link in graph.links[consumer]:
-                if link.source != name:
-                    continue
-                hit = [p for s, p in zip(link.source_channels.tolist(),
-                                         link.input_channels.tolist(), strict=True) if s in gone]
-                removed_pos.setdefault(consumer, set()).update(hit)
+        coupled = set(depthwise_followers(graph, name))
+        _removed_positions(graph, name, gone, removed_pos, coupled)
+        for dw in coupled:
+            dw_gone = {p for link in graph.links[dw] if link.source == name
+                       for s, p in zip(link.source_channels.tolist(),
+                                       link.input_channels.tolist(), strict=True) if s in gone}
+            dw_keep = torch.tensor([c for c in range(graph.layers[dw].out_channels)
+                                    if c not in dw_gone], dtype=torch.int64)
+            conv = mods[dw]
+            _slice_out(conv, dw_keep)
+            conv.in_channels = conv.groups = len(dw_keep)  # type: ignore[assignment]
+            for bn_name in graph.bn_after.get(dw, []):
+                _slice_bn(mods[bn_name], dw_keep)  # type: ignore[arg-type]
+            before = {k: set(v) for k, v in removed_pos.items()}
+            _removed_positions(graph, dw, dw_gone, removed_pos, set())
+            for consumer, pos in removed_pos.items():
+                new = pos - before.get(consumer, set())
+                if new:
+                    _fold_constants(mods[consumer], new, graph.layers[consumer].spatial,
+                                    None if constants is None else constants[consumer])
+                    folded.add(consumer)
     for consumer, gone_pos in removed_pos.items():
         info = graph.layers[consumer]
         keep_pos = torch.tensor([p for p in range(info.in_channels) if p not in gone_pos],

@@ -66,7 +66,7 @@ def _cell(cap: str, r: dict[str, Any]) -> str:
         return (f"{verdict}, {r['max_loss_error']:.1e}, {r['speedup']:.1f}× "
                 f"({r['filters']} filters)")
     if cap == "prune":
-        return (f"{r['prunable']}/{r['layers']} layers; −{r['removed']} filters: "
+        return (f"{r['prunable']}/{r['layers']} layers; `{r['layer']}` −{r['removed']}: "
                 f"{r['rel_error']:.1e}, params ×{r['params_fraction']:.3f}")
     return (f"{r['objective_start']:.3g} → {r['objective_end']:.3g} "
             f"(data max {r['dataset_max']:.3g})")

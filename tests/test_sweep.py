@@ -36,6 +36,30 @@ def test_sweep_rows_table_csv_and_plot(tmp_path):
     assert "| keep |" in res.markdown_table()
 
 
+def test_sweep_over_streams_equals_the_tensor_sweep():
+    """DataLoaders for the scoring and held-out images give the tensor sweep's rows (the
+    same kernels kept; preservation within float tolerance)."""
+    net, _ = make("plain", double=False)
+    x = net.example_input(24)
+    units = ["features.4:1", "features.0:2"]
+    kw = {"criteria": ["actgrad", "snip"], "keeps": [0.5, 0.2]}
+    want = sweep(net, units, x[:12], x[12:], **kw)
+
+    def loader(t: torch.Tensor) -> torch.utils.data.DataLoader:
+        # one batch, as the tensor sweep scores them: the same sums, so no top-k near-tie
+        # can flip between the two
+        data = torch.utils.data.TensorDataset(t, torch.zeros(len(t), dtype=torch.int64))
+        return torch.utils.data.DataLoader(data, batch_size=len(t))
+
+    got = sweep(net, units, loader(x[:12]), loader(x[12:]), **kw)
+    assert len(got.rows) == len(want.rows) == 8
+    for a, b in zip(got.rows, want.rows, strict=True):
+        assert (a["unit"], a["criterion"], a["keep"], a["kept_kernels"]) == (
+            b["unit"], b["criterion"], b["keep"], b["kept_kernels"])
+        assert a["pearson"] == pytest.approx(b["pearson"], abs=1e-5)
+        assert a["nmad"] == pytest.approx(b["nmad"], abs=1e-5)
+
+
 @pytest.mark.slow
 def test_actgrad_beats_magnitude_at_keep_0_1_on_fmnist_vgg():
     lm = load_model("fmnist_vgg")

@@ -19,6 +19,7 @@ from netcarve.core._csv import write_rows
 from netcarve.core.graph import ModelGraph
 from netcarve.core.plotting import pyplot, save_figure
 from netcarve.core.targets import Target
+from netcarve.data.stream import Images, as_stream
 
 COLUMNS = [
     "unit", "layer", "channel", "criterion", "keep", "relevant_kernels", "kept_kernels",
@@ -120,8 +121,8 @@ def pick_units(
 def sweep(
     model: nn.Module,
     units: Sequence[Target | str],
-    images: torch.Tensor,
-    heldout: torch.Tensor,
+    images: Images,
+    heldout: Images,
     *,
     criteria: Sequence[str] = ("actgrad", "snip", "force", "magnitude", "random"),
     keeps: Sequence[float] = (0.5, 0.2, 0.1, 0.05, 0.01),
@@ -140,8 +141,9 @@ def sweep(
     Args:
         model: the model (restored afterwards).
         units: targets (``Target`` or ``"layer:channel"`` strings).
-        images: normalised scoring images.
-        heldout: normalised held-out images for preservation.
+        images: normalised scoring images: a tensor, or a stream (DataLoader / re-iterable
+            of ``(images, labels)`` batches) read once per unit and criterion.
+        heldout: normalised held-out images for preservation (tensor or stream).
         criteria: criterion names.
         keeps: keep fractions.
         per_layer_norm: per-layer score normalisation before the global top-k.
@@ -161,8 +163,14 @@ def sweep(
         if not 0 < k <= 1:
             raise CircuitError(f"keep must be in (0, 1], got {k}")
     p = next(model.parameters())
-    images, heldout = images.to(dtype=p.dtype), heldout.to(dtype=p.dtype)
-    graph = graph or ModelGraph.build(model, images[:1].to(p.device))
+    if isinstance(images, torch.Tensor):
+        images = images.to(dtype=p.dtype)
+    if isinstance(heldout, torch.Tensor):
+        heldout = heldout.to(dtype=p.dtype)
+    # streams (DataLoaders over a folder) are read once per unit × criterion for scoring and
+    # once per keep for preservation; the original responses are kept, not the images
+    images, heldout = as_stream(images), as_stream(heldout)
+    graph = graph or ModelGraph.build(model, images.first(device=p.device, dtype=p.dtype))
     result = SweepResult()
     eval_bs = max(batch_size, 256)
     bar = tqdm(total=len(units) * len(criteria), desc="sweep", disable=not progress)

@@ -238,3 +238,28 @@ def test_dataset_examples_and_class_preference_on_a_loader_equal_the_tensor_resu
     ref = class_preference(model, "features.4", x, batch_size=8)
     assert pref.shape == (6, 3)
     assert torch.allclose(pref, ref, rtol=1e-5, atol=1e-9)
+
+
+def test_in_memory_reads_a_stream_once_and_passes_tensors_through():
+    """Methods that need every image at once (greedy CAR, sub-circuits, the fold) accept a
+    DataLoader through ``in_memory``; greedy pruning on a loader equals it on the tensors."""
+    from netcarve.car.greedy import greedy_prune
+    from netcarve.data.stream import in_memory
+
+    x = torch.randn(10, 3, 8, 8)
+    y = torch.arange(10) % 3
+    same_x, same_y = in_memory(x, y)
+    assert same_x is x and same_y is y
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    got_x, got_y = in_memory(loader)
+    assert torch.equal(got_x, x) and torch.equal(got_y, y)
+    with pytest.raises(DataError, match="no images"):
+        in_memory([])
+    with torch.random.fork_rng(devices=[]):
+        net, xs = make("plain", seed=3, batch=30)
+    with torch.no_grad():
+        ys = net(xs).argmax(1)
+    want = greedy_prune(net, xs, ys, ["features.4"], amount=2)
+    got = greedy_prune(net, torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(xs, ys), batch_size=7), None, ["features.4"], amount=2)
+    assert got.order == want.order

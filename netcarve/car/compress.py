@@ -16,6 +16,7 @@ from netcarve.car.greedy import GreedyResult, greedy_prune
 from netcarve.car.scores import MetricLike, resolve_layers
 from netcarve.car.stats import AblationError
 from netcarve.data.preset import Preset
+from netcarve.data.stream import Images, in_memory
 
 __all__ = ["CompressionReport", "car_compress"]
 
@@ -65,12 +66,12 @@ class CompressionReport:
 
 def car_compress(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    images: Images,
+    labels: torch.Tensor | None,
     layers: str | Sequence[str],
     *,
-    eval_images: torch.Tensor,
-    eval_labels: torch.Tensor,
+    eval_images: Images,
+    eval_labels: torch.Tensor | None,
     amount: int | float | None = None,
     floor: float | None = None,
     mode: str = "exact",
@@ -90,10 +91,11 @@ def car_compress(
 
     Args:
         model: the classifier (unchanged).
-        images / labels: scoring images for the greedy decisions.
+        images / labels: scoring images for the greedy decisions (tensors, or a stream read
+            once into memory with ``labels`` None).
         layers: layers in scope (each must be prunable, see
             :func:`netcarve.surgery.prune.prunable_layers`).
-        eval_images / eval_labels: evaluation images for the reported accuracies.
+        eval_images / eval_labels: evaluation images for the reported accuracies (likewise).
         amount / floor / mode / scope / window / metric: see :func:`greedy_prune`.
         preset: the model's preset (needed for uint8 images).
         batch_size: images per forward pass.
@@ -114,6 +116,8 @@ def car_compress(
         >>> rep = car_compress(model, x, y, "features.0", eval_images=xt, eval_labels=yt,
         ...                    amount=0.5, preset=preset)  # doctest: +SKIP
     """
+    images, labels = in_memory(images, labels, preset=preset)
+    eval_images, eval_labels = in_memory(eval_images, eval_labels, preset=preset)
     from netcarve.surgery.prune import prunable_layers, prune_filters
     from netcarve.surgery.pruned import CompressError
     from netcarve.training.evaluation import evaluate

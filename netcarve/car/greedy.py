@@ -26,6 +26,7 @@ from netcarve.car.scores import MetricLike, _engine, resolve_layers
 from netcarve.car.stats import AblationError, ForwardCounts, Metric, resolve_metric
 from netcarve.core.graph import ModelGraph
 from netcarve.data.preset import Preset
+from netcarve.data.stream import Images, in_memory
 
 __all__ = [
     "GreedyResult",
@@ -217,8 +218,8 @@ def _targets(graph: ModelGraph, layers: list[str], amount: float | int | None,
 
 def greedy_prune(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    images: Images,
+    labels: torch.Tensor | None,
     layers: str | Sequence[str],
     *,
     amount: int | float | None = None,
@@ -241,7 +242,8 @@ def greedy_prune(
 
     Args:
         model: the classifier (unchanged; pruning is recorded as masks).
-        images: scoring images (float normalised or uint8 with ``preset``).
+        images: scoring images (float normalised or uint8 with ``preset``), or a stream read
+            once into memory (greedy re-evaluates them for every removal).
         labels: int64 ``[N]``.
         layers: the layers in scope.
         amount: filters to remove: an int count, or a ratio in (0, 1) of the filters -- per
@@ -280,6 +282,7 @@ def greedy_prune(
         >>> res.order[:3]  # doctest: +SKIP
         [('features.0', 12), ('features.0', 30), ('features.0', 7)]
     """
+    images, labels = in_memory(images, labels, preset=preset)
     if mode not in GREEDY_MODES:
         raise AblationError(f"mode must be one of {', '.join(GREEDY_MODES)}, got {mode!r}")
     if scope not in ("layer", "global"):

@@ -22,6 +22,7 @@ from netcarve.circuits.extract import extract, measure_preservation, score_kerne
 from netcarve.circuits.preservation import Preservation
 from netcarve.core.graph import ModelGraph
 from netcarve.core.targets import Target
+from netcarve.data.stream import Images, in_memory
 
 
 @dataclass
@@ -77,7 +78,7 @@ def per_image_scores(
     model: nn.Module,
     graph: ModelGraph,
     target: Target,
-    images: torch.Tensor,
+    images: Images,
     kernels: dict[str, torch.Tensor],
     *,
     criterion: str = "actgrad",
@@ -166,7 +167,8 @@ def subcircuits(
     Args:
         model: the model (restored afterwards).
         target: the feature (``Target`` or ``"layer:channel"``).
-        images: normalised images ``[N, C, H, W]`` (each group is split into a scoring and a
+        images: normalised images ``[N, C, H, W]``, or a stream read once into memory (the
+            groups index them; each group is split into a scoring and a
             held-out half).
         groups: a group label per image; when omitted, groups are found with PCA + k-means
             on per-image kernel-score vectors.
@@ -190,6 +192,7 @@ def subcircuits(
         >>> rep = subcircuits(model, "features.10:5", x, n_groups=2)  # doctest: +SKIP
         >>> rep.summary()["subcircuits"][0]["own_group"]["pearson"]  # doctest: +SKIP
     """
+    images, _ = in_memory(images)
     if not 0 < sub_keep <= 1:
         raise CircuitError(f"sub_keep must be in (0, 1], got {sub_keep}")
     p = next(model.parameters())

@@ -34,6 +34,7 @@ from netcarve.circuits.extract import score_kernels, target_responses
 from netcarve.circuits.subcircuits import fit_groups, per_image_scores
 from netcarve.core.graph import ModelGraph
 from netcarve.core.targets import Target
+from netcarve.data.stream import Images, in_memory
 
 __all__ = ["GROUPINGS", "SubfeatureStatistic", "subfeature_statistic"]
 
@@ -155,7 +156,7 @@ def _split_dd(model: nn.Module, graph: ModelGraph, target: Target, scoring: torc
 def subfeature_statistic(
     model: nn.Module,
     target: Target | str,
-    scoring: torch.Tensor,
+    scoring: Images,
     heldout: torch.Tensor,
     general: Circuit,
     *,
@@ -174,7 +175,8 @@ def subfeature_statistic(
     Args:
         model: the model (it comes back exactly as it was).
         target: the unit (``"layer:channel"`` or a Target).
-        scoring: images the grouping is fitted on and the sub-circuits are scored on.
+        scoring: images the grouping is fitted on and the sub-circuits are scored on (a
+            tensor, or a stream read once into memory).
         heldout: images the fitted grouping assigns and the statistic is measured on.
         general: the unit's general circuit (sub-circuits are carved from its kernels).
         grouping: ``"scores"`` (per-image kernel scores) or ``"responses"`` (the unit's
@@ -200,6 +202,7 @@ def subfeature_statistic(
         >>> st.double_difference, st.p_value  # doctest: +SKIP
         (0.08, 0.05)
     """
+    scoring, _ = in_memory(scoring)
     if grouping not in GROUPINGS:
         raise CircuitError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     if not 0 < sub_keep <= 1:

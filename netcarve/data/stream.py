@@ -39,6 +39,7 @@ __all__ = [
     "as_stream",
     "fingerprint_batches",
     "image_folder_loader",
+    "in_memory",
     "require_finite",
 ]
 
@@ -464,3 +465,42 @@ def image_folder_loader(
         # Workers stay alive between passes: methods read the data several times.
         persistent_workers=int(workers) > 0,
     )
+
+
+def in_memory(images: Images, labels: torch.Tensor | None = None, *,
+              preset: Preset | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``images`` (and their labels) as tensors; a stream is read once into memory.
+
+    For methods that need random access to the images or many passes over the same ones
+    (greedy CAR re-evaluates its scoring set for every removal, sub-circuits index image
+    groups, the least-squares fold solves on all of them): their memory grows with the
+    images either way, so they accept a DataLoader by reading it here.
+
+    Args:
+        images: a tensor (returned as it is, with ``labels``), a DataLoader or an iterable
+            of ``(images, labels)`` batches.
+        labels: labels of a tensor.
+        preset: normalises uint8 batches of a stream.
+
+    Returns:
+        ``(images, labels)``; labels None when the stream's batches carry none.
+
+    Raises:
+        DataError: an empty stream or bad batches.
+
+    Example:
+        >>> x, y = in_memory(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]))
+        >>> tuple(x.shape), y.tolist()
+        ((2, 1, 4, 4), [0, 1])
+    """
+    if isinstance(images, torch.Tensor):
+        return images, labels
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    for x, y in as_stream(images, preset=preset).batches():
+        xs.append(x)
+        if y is not None:
+            ys.append(y)
+    if not xs:
+        raise DataError("the stream yielded no images")
+    return torch.cat(xs), (torch.cat(ys) if len(ys) == len(xs) else None)

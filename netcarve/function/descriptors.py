@@ -19,7 +19,7 @@ from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import preserved_state, resolve_module
 from netcarve.data.preset import Preset
-from netcarve.data.stream import Images, as_stream
+from netcarve.data.stream import Images, as_stream, in_memory
 
 __all__ = [
     "DESCRIPTORS",
@@ -295,7 +295,7 @@ def _check_descriptors(descriptors: str | Sequence[str]) -> list[str]:
 def describe_filters(
     model: nn.Module,
     layer: str,
-    images: torch.Tensor,
+    images: Images,
     *,
     descriptors: str | Sequence[str] = ("profile", "class_preference"),
     preset: Preset | None = None,
@@ -309,7 +309,8 @@ def describe_filters(
     Args:
         model: the classifier (comes back unchanged).
         layer: a conv or linear layer.
-        images: probe images, normalised floats or uint8 (with ``preset``).
+        images: probe images, normalised floats or uint8 (with ``preset``), or a stream
+            read once into memory.
         descriptors: some of ``"am"``, ``"profile"``, ``"class_preference"``.
         preset: the model's preset (uint8 images, and the activation-maximisation input).
         am_steps: optimisation steps of the activation-maximisation images.
@@ -329,6 +330,7 @@ def describe_filters(
         >>> d.profile.shape  # doctest: +SKIP
         torch.Size([64, 256])
     """
+    images, _ = in_memory(images)
     from netcarve.viz.render import layer_activations, visualize
 
     kinds = _check_descriptors(descriptors)

@@ -23,6 +23,7 @@ from netcarve.data.preset import Preset
 if TYPE_CHECKING:
     from netcarve.surgery.pruned import PrunedModel
 
+from netcarve.data.stream import Images, in_memory
 from netcarve.function.clustering import (
     FilterClusters,
     cka_similarity,
@@ -239,7 +240,7 @@ class FunctionalPruning:
 def functional_prune(
     model: nn.Module,
     layers: str | Sequence[str],
-    images: torch.Tensor,
+    images: Images,
     labels: torch.Tensor | None = None,
     *,
     preset: Preset | None = None,
@@ -264,7 +265,8 @@ def functional_prune(
     Args:
         model: the classifier (comes back unchanged).
         layers: layer names (a list, or a comma-separated string).
-        images: probe images (normalised, or uint8 with ``preset``).
+        images: probe images (normalised, or uint8 with ``preset``), or a stream read once
+            into memory.
         labels: their labels (needed by the ``taylor`` and ``car`` keep rules).
         preset: the model's preset.
         descriptors: descriptor kinds for cosine similarity (see :data:`DESCRIPTORS`).
@@ -293,6 +295,7 @@ def functional_prune(
         >>> fop.removed_counts()  # doctest: +SKIP
         {'features.4': 21, 'features.7': 17}
     """
+    images, labels = in_memory(images, labels)
     start = time.perf_counter()
     names = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else list(layers)
     names = [n for n in names if n]

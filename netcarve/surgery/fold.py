@@ -61,6 +61,7 @@ from torch.nn.modules import conv as _conv
 from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
 from netcarve.core.hooks import preserved_state, resolve_module
+from netcarve.data.stream import Images, in_memory
 
 if TYPE_CHECKING:
     from netcarve.surgery.pruned import PrunedModel
@@ -298,7 +299,7 @@ def _fold_into(
 def fold_lstsq(
     model: nn.Module,
     pruned: PrunedModel,
-    images: torch.Tensor,
+    images: Images,
     *,
     graph: ModelGraph | None = None,
     ridge: float = 1e-2,
@@ -309,7 +310,8 @@ def fold_lstsq(
     Args:
         model: the original (unpruned) model ``pruned`` was made from (not changed).
         pruned: the result of :func:`netcarve.surgery.prune.prune_filters` (not changed).
-        images: normalised probe images, a batch the model takes; not the evaluation images.
+        images: normalised probe images, a batch the model takes (or a stream, read once
+            into memory: the refit solves on all of them); not the evaluation images.
         graph: the original model's graph (built from ``images`` when omitted).
         ridge: penalty relative to the mean diagonal of the centred ``A^T A`` (>= 0).
         batch_size: images per forward pass.
@@ -330,6 +332,7 @@ def fold_lstsq(
         >>> folded.metadata["fold_fit"]["features.7"]["r2_fold"]  # doctest: +SKIP
         0.97
     """
+    images, _ = in_memory(images)
     if not (isinstance(ridge, (int, float)) and ridge >= 0 and ridge == ridge
             and ridge != float("inf")):
         raise FoldError(f"ridge must be a finite number >= 0, got {ridge!r}")

@@ -97,7 +97,7 @@ def finetune(
     epochs: int = 1,
     lr: float = 0.01,
     seed: int = 0,
-    images: torch.Tensor | None = None,
+    images: torch.Tensor | Any = None,
     labels: torch.Tensor | None = None,
     max_images: int | None = None,
     batch_size: int = 128,
@@ -117,7 +117,8 @@ def finetune(
         epochs: passes over the training images (>= 1).
         lr: peak learning rate (> 0); cosine-annealed to 0 over all steps.
         seed: seeds shuffling, augmentation and dropout.
-        images / labels: training data (uint8 with ``preset``, or normalised floats). Default:
+        images / labels: training data (uint8 with ``preset``, or normalised floats; or a
+            DataLoader of ``(images, labels)``, read once into memory). Default:
             the preset's train split (:func:`netcarve.training.evaluation.reference_data`).
         max_images: use only the first N training images per epoch.
         batch_size: images per step.
@@ -150,6 +151,10 @@ def finetune(
         from netcarve.training.evaluation import reference_data
 
         images, labels = reference_data(preset, "train", max_images)
+    elif not isinstance(images, torch.Tensor):  # a DataLoader: epochs re-read it, so hold it
+        from netcarve.data.stream import in_memory
+
+        images, labels = in_memory(images)
     if labels is None or len(images) != len(labels):
         raise DataError("fine-tuning needs as many labels as images")
     if max_images is not None:

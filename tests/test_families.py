@@ -11,6 +11,7 @@ from __future__ import annotations
 import _families as fam
 import pytest
 import torch
+from _dependencies import graph_links, measured_links
 from _state import assert_unchanged, snapshot
 from torch import nn
 
@@ -35,80 +36,6 @@ def _data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, fam.NUM_CLASSES, (n,), generator=gen))
 
 
-def _measured_links(model: nn.Module, graph: ModelGraph, x: torch.Tensor,
-                    source: str | None) -> dict[str, set[tuple[int, int]]]:
-    """``{consumer: {(source channel, input position)}}`` found by perturbing each channel
-    of ``source`` (None: the model input) while every layer outputs its unperturbed value,
-    so that only the direct (layer-free) paths from ``source`` carry the perturbation."""
-    modules = dict(model.named_modules())
-    base_out: dict[str, torch.Tensor] = {}
-    base_in: dict[str, torch.Tensor] = {}
-    seen_in: dict[str, torch.Tensor] = {}
-    state: dict[str, object] = {"mode": "record", "channel": None}
-    gen = torch.Generator().manual_seed(1)
-    noise_of: dict[str, torch.Tensor] = {}
-
-    def out_hook(name: str):
-        def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor | None:
-            if state["mode"] == "record":
-                base_out[name] = out.detach().clone()
-                return None
-            fixed = base_out[name].clone()
-            if name == source:
-                c = int(state["channel"])  # type: ignore[arg-type]
-                fixed[:, c] += noise_of[name][:, c]
-            return fixed
-        return hook
-
-    def in_hook(name: str):
-        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            store = base_in if state["mode"] == "record" else seen_in
-            store[name] = args[0].detach().clone()
-        return hook
-
-    handles = []
-    for name in graph.layers:
-        handles.append(modules[name].register_forward_hook(out_hook(name)))
-        handles.append(modules[name].register_forward_pre_hook(in_hook(name)))
-    found: dict[str, set[tuple[int, int]]] = {c: set() for c in graph.layers}
-    try:
-        with torch.no_grad():
-            model(x)
-            width = x.shape[1] if source is None else base_out[source].shape[1]
-            ref = x if source is None else base_out[source]
-            # large and one-signed (each sign in turn): a ReLU or clamp after the source
-            # cannot swallow it for every image
-            magnitude = 10 * (ref.std() + 1) * (1 + torch.rand(ref.shape, generator=gen))
-            state["mode"] = "perturb"
-            for c, sign in [(c, s) for c in range(width) for s in (1, -1)]:
-                noise_of[source or ""] = sign * magnitude
-                state["channel"] = c
-                xin = x.clone()
-                if source is None:
-                    xin[:, c] += noise_of[""][:, c]
-                model(xin)
-                for name, info in graph.layers.items():
-                    diff = (seen_in[name] - base_in[name]).abs()
-                    scale = float(base_in[name].abs().max()) + 1e-6
-                    per_pos = diff.reshape(diff.shape[0], info.in_channels, -1) > 1e-5 * scale
-                    for p in torch.nonzero(per_pos.any(dim=(0, 2))).flatten().tolist():
-                        found[name].add((c, p))
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: v for k, v in found.items() if v}
-
-
-def _graph_links(graph: ModelGraph, source: str | None) -> dict[str, set[tuple[int, int]]]:
-    out: dict[str, set[tuple[int, int]]] = {}
-    for name, links in graph.links.items():
-        for link in links:
-            if link.source == source:
-                out.setdefault(name, set()).update(
-                    zip(link.source_channels.tolist(), link.input_channels.tolist(), strict=True))
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graph_links_equal_measured_dependencies(family: str) -> None:
     model = fam.build(family)
@@ -119,7 +46,7 @@ def test_graph_links_equal_measured_dependencies(family: str) -> None:
     before = snapshot(model)
     links = missing = 0
     for source in [None, *graph.layers]:
-        drawn, measured = _graph_links(graph, source), _measured_links(model, graph, x, source)
+        drawn, measured = graph_links(graph, source), measured_links(model, graph, x, source)
         for consumer in set(drawn) | set(measured):
             # sound: every measured dependency is a link of the graph
             assert measured.get(consumer, set()) <= drawn.get(consumer, set()), (source,

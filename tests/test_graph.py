@@ -452,3 +452,68 @@ def test_torchvision_architectures(arch: str, size: int, convs: int, linears: in
         assert (g.layer("classifier.0").in_channels, g.layer("classifier.0").spatial) == (512, 49)
     if arch == "vgg16_bn":
         assert g.bn_after["features.0"] == ["features.1"]
+
+
+class _Moves(nn.Module):
+    """Data-movement ops between convs, each followed exactly by the graph."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.conv3 = nn.Conv2d(12 if op == "pixel_unshuffle" else 6, 4, 1)
+        self.fc = nn.Linear(4 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv1(x))
+        if self.op == "flip":
+            a = a.flip(1)
+        elif self.op == "roll":
+            a = torch.roll(a, 2, dims=1)
+        elif self.op == "list_index":
+            a = a[:, [5, 0, 3, 1, 2, 4]]
+        elif self.op == "shuffle3":
+            b, c, h, w = a.size()
+            a = a.view(b, 3, c // 3, h, w).transpose(1, 2).reshape(b, c, h, w)
+        elif self.op == "permute_round_trip":
+            a = a.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        elif self.op == "spatial_transpose":
+            a = a.transpose(2, 3)
+        elif self.op == "channel_shuffle":
+            a = torch.nn.functional.channel_shuffle(a, 2)
+        b = self.conv2(a)
+        if self.op == "pixel_unshuffle":
+            b = torch.nn.functional.pixel_unshuffle(b[:, :3], 2)  # 3 ch → 12 ch at half size
+            b = torch.nn.functional.interpolate(b, scale_factor=2.0)
+        z = torch.relu(self.conv3(b))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(z, 4).flatten(1))
+
+
+@pytest.mark.parametrize("op", ["flip", "roll", "list_index", "shuffle3", "permute_round_trip",
+                                "spatial_transpose", "channel_shuffle", "pixel_unshuffle"])
+def test_data_movement_links_equal_measured_dependencies(op: str) -> None:
+    from _dependencies import graph_links, measured_links
+
+    torch.manual_seed(0)
+    net = _Moves(op).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = ModelGraph.build(net, x[:1])
+    for source in [None, *graph.layers]:
+        assert graph_links(graph, source) == measured_links(net, graph, x, source), source
+
+
+def test_a_view_that_spreads_channels_then_reduces_them_is_refused() -> None:
+    class PairMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 6, 1)
+            self.conv2 = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.conv1(x)
+            return self.conv2(a.view(a.shape[0], 3, 2, 4, 4).mean(2))
+
+    with pytest.raises(GraphError, match=r"spread over several dimensions by "
+                                         r"torch\.Tensor\.view"):
+        ModelGraph.build(PairMean(), torch.randn(1, 3, 4, 4))

@@ -68,7 +68,8 @@ _FIRST_ARG = {
 _RESHAPE = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as",
             "unflatten"}
 _PERMUTE = {"permute", "transpose", "transpose_", "swapaxes", "swapdims", "movedim",
-            "moveaxis", "t"}
+            "moveaxis", "t", "flip", "roll", "narrow", "select", "channel_shuffle",
+            "pixel_shuffle", "pixel_unshuffle"}
 _CAT = {"cat", "concat", "concatenate"}
 _REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "prod", "logsumexp", "nansum",
            "nanmean"}

@@ -40,14 +40,12 @@ class _DataMovement:
     values: dict[torch.fx.Node, Any]
     modules: dict[str, nn.Module]
 
-    def _mixed(self, node: torch.fx.Node, why: str) -> _Map:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the builder this is mixed into
+        def _mixed(self, node: torch.fx.Node, why: str) -> _Map: ...
 
-    def _op_name(self, node: torch.fx.Node) -> tuple[str, str]:
-        raise NotImplementedError
+        def _op_name(self, node: torch.fx.Node) -> tuple[str, str]: ...
 
-    def _where(self, node: torch.fx.Node) -> str:
-        raise NotImplementedError
+        def _where(self, node: torch.fx.Node) -> str: ...
 
     def _linear_on_last_dim(self, node: torch.fx.Node) -> bool:
         src = node.args[0] if node.args else None

@@ -125,3 +125,100 @@ def test_cli_class_names_reach_the_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "a" / "atlas.json").read_text())
     assert meta["class_names"] == [f"kind_{i}" for i in range(10)]
+
+
+_USER_FILE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A user's torchvision-style network: stem, inverted residual (expand, depthwise,
+    project), a channel shuffle, a spatial mean and a Linear head over 8 shape classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU6(inplace=True)),
+            nn.Sequential(nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24),
+                          nn.ReLU6(inplace=True),
+                          nn.Conv2d(24, 24, 3, 1, 1, groups=24, bias=False),
+                          nn.BatchNorm2d(24), nn.ReLU6(inplace=True),
+                          nn.Conv2d(24, 16, 1, bias=False), nn.BatchNorm2d(16)))
+        self.classifier = nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = self.features(x)
+        b, c, h, w = x.size()
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+        return self.classifier(x.mean([2, 3]))
+
+
+def net():
+    return Net()
+'''
+
+
+def test_a_users_model_file_and_weights_end_to_end_on_the_cli(tmp_path, monkeypatch):
+    """``package.module:factory`` + ``--weights`` + ``--images-dir``: extract a circuit and
+    run CAR with physical pruning (the expand conv takes its depthwise channels with it) on
+    a user's own architecture; the pruned model reloads and equals the masked original."""
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from netcarve.cli.main import cli
+    from netcarve.core.graph import ModelGraph
+    from netcarve.core.hooks import apply_filter_masks
+    from netcarve.data import SHAPE_CLASSES, load_image_folder, make_shapes
+    from netcarve.surgery.pruned import load_pruned
+    from netcarve.zoo import ZOO
+
+    (tmp_path / "user_nets.py").write_text(_USER_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_nets
+
+    torch.manual_seed(3)
+    trained = user_nets.Net().eval()
+    for m in trained.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    save_file(trained.state_dict(), str(tmp_path / "w.safetensors"))
+    images, labels = make_shapes(48, seed=0, size=64)
+    for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+        folder = tmp_path / "imgs" / SHAPE_CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy())).save(
+            folder / f"{i:03d}.png")
+    common = ["--weights", str(tmp_path / "w.safetensors"), "--preset", "shapes_cnn",
+              "--images-dir", str(tmp_path / "imgs"), "--device", "cpu", "--json"]
+    runner = CliRunner()
+    res = runner.invoke(cli, ["extract", "user_nets:net", "features.1.6:3", "--images", "20",
+                              "--heldout", "20", "--keep", "0.3", "--out",
+                              str(tmp_path / "circuit"), *common], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["preservation_heldout"]["n_images"] == 20
+    res = runner.invoke(cli, ["car", "user_nets:net", "--layers", "features.1.0", "--prune",
+                              "4", "--images", "20", "--eval-images", "28", "--curve-points",
+                              "2", "--out", str(tmp_path / "car"), *common],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["n_eval"] == 28 and summary["layers"] == ["features.1.0"]
+    folder = load_image_folder(tmp_path / "imgs", ZOO["shapes_cnn"].preset)
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    pruned = load_pruned(tmp_path / "car" / "pruned", architecture=user_nets.Net)
+    dw = dict(pruned.module.named_modules())["features.1.3"]
+    assert dw.groups == dw.out_channels == 20  # 4 expand filters and their depthwise channels
+    graph = ModelGraph.build(trained, folder.images[:1])
+    keep = torch.ones(24, dtype=torch.bool)
+    keep[torch.tensor(summary["pruned_model"]["removed"]["features.1.0"])] = False
+    x = folder.images[perm][20:]
+    with torch.no_grad(), apply_filter_masks(trained, graph, {"features.1.0": keep}):
+        want = trained(x)
+    with torch.no_grad():
+        got = pruned.module(x)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5

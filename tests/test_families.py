@@ -116,3 +116,15 @@ def test_vision_transformer_is_refused_clearly() -> None:
     with pytest.raises(GraphError, match=r"attention \(module 'encoder\.layers\.0\.self_attn', "
                                          r"MultiheadAttention\).*not supported"):
         ModelGraph.build(fam.TinyViT().eval(), _data(1)[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_macs_from_the_graph_equal_macs_measured_by_hooks(family: str) -> None:
+    """``count_macs`` (graph shapes; ConvNeXt's channels-last Linears included) equals the
+    multiply-adds counted by forward hooks on every conv and Linear."""
+    from netcarve.core.costs import count_macs
+    from netcarve.surgery.circuit_module import _module_macs
+
+    model = fam.build(family)
+    graph = ModelGraph.build(model, _data(1)[0])
+    assert count_macs(model, graph) == _module_macs(model, fam.INPUT_SHAPE)

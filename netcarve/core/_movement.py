@@ -91,8 +91,12 @@ class _DataMovement:
         out_ids = inverse.view(*lead, *([1] * k)).expand(*shape[1:])
         result = _from_ids(groups, out_ids.contiguous())
         qual = self._op_name(node)[1]
-        self.graph._mixing[self._module_path(node)] = (
-            f"{qual} over the last {k} dim(s) of its {in_shape} input")
+        path = self._module_path(node)
+        self.graph._mixing[path] = f"{qual} over the last {k} dim(s) of its {in_shape} input"
+        mod = self.modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(mod, nn.Linear):  # its multiply-adds still count in the model's cost
+            self.graph._mixing_linear_macs[path] = (
+                mod.in_features * mod.out_features * math.prod(in_shape[1:-1]))
         if isinstance(result, _Grid):
             result = _Grid(result.groups, result.ids, m.origin if isinstance(m, _Grid)
                            else f"{qual} ({self._where(node)})")

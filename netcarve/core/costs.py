@@ -10,12 +10,13 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.fx
 from torch import nn
 
 from netcarve.core.graph import ModelGraph
 from netcarve.core.layers import GraphError, close_names
 
-__all__ = ["count_macs", "count_parameters"]
+__all__ = ["count_macs", "count_parameters", "upstream_mixing_macs"]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -48,7 +49,8 @@ def count_macs(model: nn.Module, graph: ModelGraph, layers: Iterable[str] | None
     """Multiply-adds of one forward pass of one image, from the graph's shapes.
 
     A conv costs ``out · (in/groups) · kh · kw · H_out · W_out``, a Linear ``in · out`` (per
-    position when it is applied to a feature map); BatchNorm, activations, pooling and
+    position when it is applied to a feature map, as ConvNeXt's channels-last pointwise
+    Linears, which the whole-model count includes); BatchNorm, activations, pooling and
     additions are not counted.
 
     Args:
@@ -76,4 +78,36 @@ def count_macs(model: nn.Module, graph: ModelGraph, layers: Iterable[str] | None
             raise GraphError(f"unknown layer '{name}'"
                              + (f"; did you mean {', '.join(hint)}?" if hint else "")
                              + f" (the graph has {len(graph.layers)} conv/linear layers)")
-    return sum(_layer_macs(modules, graph, name) for name in names)
+    total = sum(_layer_macs(modules, graph, name) for name in names)
+    if layers is None:  # the whole model: also the Linears followed as channel-mixing ops
+        total += sum(graph._mixing_linear_macs.values())
+    return total
+
+
+def upstream_mixing_macs(graph: ModelGraph, layer: str) -> int:
+    """Multiply-adds of the channel-mixing Linears (ConvNeXt's pointwise convs, see
+    :attr:`ModelGraph.mixing`) that run before ``layer`` and feed it.
+
+    Example:
+        >>> upstream_mixing_macs(g, "features.3.0.block.0")  # doctest: +SKIP
+        81920
+    """
+    if not graph._mixing_linear_macs or graph.traced is None:
+        return 0
+    start = next((n for n in graph.traced.graph.nodes
+                  if n.op == "call_module" and str(n.target) == layer), None)
+    if start is None:
+        return 0
+    seen: set[torch.fx.Node] = set()
+    todo = [start]
+    total = 0
+    while todo:
+        node = todo.pop()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg.op == "call_module":
+                total += graph._mixing_linear_macs.get(str(arg.target), 0)
+            todo.append(arg)
+    return total

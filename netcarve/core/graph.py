@@ -165,6 +165,7 @@ class ModelGraph:
         self._n_params: dict[str, int] = {}
         self._module_types: dict[str, str] = {}
         self._mixing: dict[str, str] = {}  # module → the channel-mixing op netcarve saw
+        self._mixing_linear_macs: dict[str, int] = {}  # channels-last Linear → MACs per image
 
     def __repr__(self) -> str:
         kinds = [info.kind for info in self.layers.values()]

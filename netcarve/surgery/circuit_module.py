@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from netcarve.core.costs import count_macs, count_parameters
+from netcarve.core.costs import count_macs, count_parameters, upstream_mixing_macs
 from netcarve.core.graph import ModelGraph
 from netcarve.surgery._plan import SurgeryError, _unknown_layer
 
@@ -200,7 +200,8 @@ class CircuitModule(nn.Module):
         params, macs = self.parameter_count(), self.macs(shape)
         original_params = count_parameters(original_model)
         original_macs = count_macs(original_model, graph)
-        macs_to_target = count_macs(original_model, graph, upstream)
+        macs_to_target = (count_macs(original_model, graph, upstream)
+                          + upstream_mixing_macs(graph, self.target_layer))
 
         def ratio(a: int, b: int) -> float:
             return a / b if b else float("nan")

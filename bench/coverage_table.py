@@ -155,7 +155,9 @@ def main() -> None:
         "(a squeeze-excitation gate follows). Each refusal names its layer and reason "
         "(`prunable_layers`).",
         "- Real torchvision/timm models on a GPU (issue 13 part 5) are not in this table: "
-        "no GPU was lent to the session that generated it.",
+        "no GPU was lent to the session that generated it. `bench/coverage_real.py` makes "
+        "the same table from torchvision's builders (and timm's convnext_tiny) at 224² "
+        "where they are installed.",
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -128,3 +128,25 @@ def test_macs_from_the_graph_equal_macs_measured_by_hooks(family: str) -> None:
     model = fam.build(family)
     graph = ModelGraph.build(model, _data(1)[0])
     assert count_macs(model, graph) == _module_macs(model, fam.INPUT_SHAPE)
+
+
+def test_real_model_coverage_script_on_stand_ins() -> None:
+    """``bench/coverage_real.py`` (run where torchvision is installed) picks its layers from
+    the graph, writes a row per model and a refusal for a transformer; checked here with the
+    family models standing in for torchvision's builders."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import coverage_real
+
+    builders = {"shufflenet_v2": lambda: fam.build("shufflenet_v2"), "vit": fam.TinyViT}
+    x, y = _data(8)
+    rows = coverage_real.run_models(builders, x, y, "cpu")
+    assert rows["shufflenet_v2"]["layers_probed"] == {"middle": "stage3.0.branch1.0",
+                                                      "late": "conv5.0"}
+    assert all(rows["shufflenet_v2"][cap]["status"] in ("ok", "refused")
+               for cap in ("graph", "extract", "to_module", "car", "prune", "featureviz"))
+    assert "attention" in rows["vit"]["error"]
+    text = coverage_real.markdown(rows, "cmd")
+    assert "| shufflenet_v2 | `stage3.0.branch1.0`, `conv5.0` |" in text and "**refused**" in text

@@ -1,9 +1,11 @@
 """Tracing a model into the channel graph: how every fx operation moves channels.
 
 :class:`_Builder` walks a traced model once, in order, and records for each tensor which
-layer channels it depends on (a channel map). The tables below say which operations are
-channel-wise, which move channel positions (cat, split, slices, flatten/view) and which mix
-channels; :meth:`netcarve.core.graph.ModelGraph.build` drives it and owns the result."""
+layer channels it depends on (a channel map, :mod:`netcarve.core._channel_maps`). The tables
+below say which operations are channel-wise, which move channel positions (cat, split, slices,
+flatten/view; views, permutes and shuffles that the simple rules cannot follow are run on
+channel indices by :mod:`netcarve.core._movement`) and which mix channels;
+:meth:`netcarve.core.graph.ModelGraph.build` drives it and owns the result."""
 
 from __future__ import annotations
 
@@ -39,8 +41,6 @@ if TYPE_CHECKING:  # the graph drives this module; only its type is needed here
     from netcarve.core.graph import ModelGraph
 
 __all__: list[str] = []
-
-
 
 # short op names (torch / torch.nn.functional / operator / Tensor method) by category
 _ELEMENTWISE = {

@@ -517,3 +517,45 @@ def test_a_view_that_spreads_channels_then_reduces_them_is_refused() -> None:
     with pytest.raises(GraphError, match=r"spread over several dimensions by "
                                          r"torch\.Tensor\.view"):
         ModelGraph.build(PairMean(), torch.randn(1, 3, 4, 4))
+
+
+def test_token_attention_is_refused_but_a_channel_attention_gate_is_followed() -> None:
+    class Attention(nn.Module):  # timm's ViT attention: a qkv projection over tokens
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+
+    class ChannelAttn(nn.Module):  # CBAM's channel gate: pooled MLP, sigmoid, product
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Conv2d(4, 2, 1)
+            self.fc2 = nn.Conv2d(2, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gate = self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+            return x * torch.sigmoid(gate)
+
+    class Net(nn.Module):
+        def __init__(self, block: nn.Module) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.block = block
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.conv(x)
+            if isinstance(self.block, Attention):
+                z = self.block(z.flatten(2).transpose(1, 2)).transpose(1, 2).reshape_as(z)
+            else:
+                z = self.block(z)
+            return self.head(z)
+
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.raises(GraphError, match=r"contains attention \(module 'block', Attention\)"):
+        ModelGraph.build(Net(Attention()), x)
+    graph = ModelGraph.build(Net(ChannelAttn()), x)
+    assert sorted(graph.sources("head")) == ["block.fc2", "conv"]

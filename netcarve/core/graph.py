@@ -86,7 +86,12 @@ def _refuse_attention(model: nn.Module) -> None:
     channel graph of kernels can express."""
     for name, mod in model.named_modules():
         kind = type(mod).__name__
-        if isinstance(mod, nn.MultiheadAttention) or kind.endswith(("Attention", "Attn")):
+        # token attention (query/key/value projections), not a channel gate such as
+        # squeeze-excitation or CBAM's ChannelAttn, which the graph follows
+        projections = {child for child, _ in mod.named_children()} & {
+            "qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "query", "key", "value"}
+        named_attention = ("Attention" in kind or "Attn" in kind) and bool(projections)
+        if isinstance(mod, nn.MultiheadAttention) or named_attention:
             raise GraphError(
                 f"{type(model).__name__} contains attention (module '{name}', {kind}); "
                 "netcarve analyses convolutional networks: attention mixes every token and "

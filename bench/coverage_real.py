@@ -46,7 +46,7 @@ def run_models(builders: dict[str, Callable[[], nn.Module]], images: torch.Tenso
                labels: torch.Tensor, device: str) -> dict[str, dict[str, Any]]:
     """A coverage row per model (``{"error": ...}`` when the model cannot even be traced)."""
     rows: dict[str, dict[str, Any]] = {}
-    x, y = images.to(device), labels.to(device)
+    x, y = images.to(device), labels
     for name, build in builders.items():
         t0 = time.perf_counter()
         try:

@@ -88,8 +88,8 @@ def coverage_row(
         middle: a conv layer in the middle of the network (circuit target, pruned layer when
             it is prunable).
         late: a late conv layer (CAR and feature visualisation).
-        images: normalised images ``[N, C, H, W]``; the first half scores, the second half
-            is held out.
+        images: normalised images ``[N, C, H, W]`` (moved to the model's device); the first
+            half scores, the second half is held out.
         labels: ``[N]`` class indices for CAR.
         keep: kernel fraction of the circuit (scores normalised per layer, so that random
             weights, whose score scales differ between layers, do not starve a layer).
@@ -105,6 +105,8 @@ def coverage_row(
         >>> coverage_row(net, "features.3", "features.6", x, y)["graph"]["layers"]  # doctest: +SKIP
         8
     """
+    param = next(model.parameters())
+    images, labels = images.to(device=param.device, dtype=param.dtype), labels.cpu()
     half = len(images) // 2
     scoring, heldout = images[:half], images[half:]
     row: dict[str, Any] = {}

@@ -112,3 +112,31 @@ def test_defection_writes_csv_png_and_summary(tmp_path):
     methods = {s["method"] for s in summary["defection"]["summary"]}
     assert methods == {"functional", "magnitude"}
     assert (out / "defection.csv").exists() and (out / "defection.png").exists()
+
+
+def test_fop_on_an_image_folder_decodes_only_the_images_it_uses(tmp_path, monkeypatch):
+    """``--images-dir``: evaluation, probe and the ``--finetune-images`` fine-tuning images are
+    decoded; the rest of the folder is never read."""
+    from PIL import Image
+
+    from netcarve.data import ImageFolderDataset
+    from netcarve.training.evaluation import reference_data
+    from netcarve.zoo import FASHION_MNIST_PRESET
+
+    x, y = reference_data(FASHION_MNIST_PRESET, "test", 90)
+    for i, (img, label) in enumerate(zip(x, y.tolist(), strict=True)):
+        folder = tmp_path / "imgs" / FASHION_MNIST_PRESET.class_names[label].replace("/", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0].numpy()).save(folder / f"{i:03d}.png")
+    read: list[int] = []
+    real = ImageFolderDataset.read_pixels
+    monkeypatch.setattr(ImageFolderDataset, "read_pixels",
+                        lambda self, i: read.append(i) or real(self, i))
+    out = tmp_path / "fop"
+    result = run("fop", "fmnist_vgg", "--layers", "features.4", "--images", "16",
+                 "--eval-images", "30", "--finetune-images", "20", "--threshold", "0.75",
+                 "--am-steps", "2", "--images-dir", str(tmp_path / "imgs"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert len(read) == len(set(read)) == 30 + 20  # evaluation + fine-tuning (probe ⊂ it)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["comparison"]["settings"]["eval_images"] == 30

@@ -63,11 +63,13 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _labelled(preset: Any, images_dir: Path | None, seed: int, n_probe: int,
-              n_eval: int) -> dict[str, Any]:
+              n_eval: int, n_train: int | None = None) -> dict[str, Any]:
     """Probe images (train split), evaluation images (test split) and fine-tuning data.
 
     With ``images_dir`` the folder is shuffled (seeded): the first ``n_eval`` images evaluate,
-    the rest is fine-tuning data, and the probe images are the first ``n_probe`` of the rest.
+    the rest is fine-tuning data (its first ``n_train``, the most fine-tuning reads), and the
+    probe images are the first ``n_probe`` of the rest. Only those images are decoded, so
+    memory does not grow with the folder.
     """
     import torch
 
@@ -76,14 +78,16 @@ def _labelled(preset: Any, images_dir: Path | None, seed: int, n_probe: int,
 
     gen = torch.Generator().manual_seed(seed)
     if images_dir is not None:
-        from netcarve.data import load_image_folder
+        from netcarve.data import ImageFolderDataset
 
-        folder = load_image_folder(images_dir, preset)
-        if len(folder.images) < n_eval + 2:
-            raise DataError(f"{images_dir} has {len(folder.images)} images; need more than "
+        folder = ImageFolderDataset(images_dir, preset)
+        if len(folder) < n_eval + 2:
+            raise DataError(f"{images_dir} has {len(folder)} images; need more than "
                             f"--eval-images {n_eval}")
-        perm = torch.randperm(len(folder.images), generator=gen)
-        x, y = folder.images[perm], folder.labels[perm]
+        perm = torch.randperm(len(folder), generator=gen)
+        rest = len(folder) - n_eval
+        wanted = n_eval + min(rest, max(n_probe, n_train if n_train is not None else rest))
+        x, y = folder.load(perm[:wanted].tolist())
         train_x, train_y = x[n_eval:], y[n_eval:]
         return {"probe_x": train_x[:n_probe], "probe_y": train_y[:n_probe],
                 "eval_x": x[:n_eval], "eval_y": y[:n_eval], "train_x": train_x,
@@ -317,7 +321,7 @@ def fop(model: str, layers: str, descriptors: str, similarity: str, method: str,
 
     start = time.perf_counter()
     lm = load_cli_model(model, weights, preset, device)
-    data = _labelled(lm.preset, images_dir, seed, n_images, n_eval)
+    data = _labelled(lm.preset, images_dir, seed, n_images, n_eval, finetune_images)
     result, masks = _run_fop(lm, data, layers, descriptors, similarity, method, threshold, k,
                              keep_rule, am_steps, batch_size, seed)
     cmp = compare_pruning(lm.model, masks, preset=lm.preset, eval_images=data["eval_x"],
@@ -378,7 +382,7 @@ def defection(model: str, layers: str, descriptors: str, similarity: str, method
     if any(e < 1 for e in epochs) or any(r <= 0 for r in rates):
         raise click.BadParameter("learning rates must be > 0 and epochs >= 1")
     lm = load_cli_model(model, weights, preset, device)
-    data = _labelled(lm.preset, images_dir, seed, n_images, n_eval)
+    data = _labelled(lm.preset, images_dir, seed, n_images, n_eval, finetune_images)
     result, masks = _run_fop(lm, data, layers, descriptors, similarity, method, threshold, k,
                              keep_rule, am_steps, batch_size, seed)
     report = run_defection(

@@ -141,11 +141,12 @@ def main() -> None:
         "",
         "## Notes",
         "",
-        "- ConvNeXt: the NHWC `LayerNorm` and the pointwise `Linear`s are followed as "
-        "channel-mixing operations (`ModelGraph.mixing` lists them): every channel after "
-        "them depends on every channel before them. Circuits, CAR and the effective mask "
-        "are over its convolutions (stem, depthwise 7×7, downsampling); the Linears' "
-        "weights are never masked and are not layers (`graph.layer(...)` says so).",
+        "- ConvNeXt: the NHWC `LayerNorm` is followed as a channel-mixing operation "
+        "(`ModelGraph.mixing`): every channel after it depends on every channel before it. "
+        "The pointwise `Linear`s are layers with their channels on the last dim "
+        "(`LayerInfo.channels_last`, a 1×1 conv): circuits, CAR and pruning include them "
+        "(the MLP's hidden units are what prunes); a standalone circuit module keeps them "
+        "whole and cannot end at one yet.",
         "- Physical pruning removes a filter only where the removal is exactly the masked "
         "model: not a grouped conv or a layer feeding one, not a layer whose channels meet a "
         "residual add or pass through a BatchNorm that is not its own. A layer feeding a "

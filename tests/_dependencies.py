@@ -35,7 +35,10 @@ def measured_links(model: nn.Module, graph: ModelGraph, x: torch.Tensor,
             fixed = base_out[name].clone()
             if name == source:
                 c = int(state["channel"])  # type: ignore[arg-type]
-                fixed[:, c] += noise_of[name][:, c]
+                if graph.layers[name].channels_last:
+                    fixed[..., c] += noise_of[name][..., c]
+                else:
+                    fixed[:, c] += noise_of[name][:, c]
             return fixed
         return hook
 
@@ -53,7 +56,8 @@ def measured_links(model: nn.Module, graph: ModelGraph, x: torch.Tensor,
     try:
         with torch.no_grad():
             model(x)
-            width = x.shape[1] if source is None else base_out[source].shape[1]
+            last = source is not None and graph.layers[source].channels_last
+            width = x.shape[1] if source is None else base_out[source].shape[-1 if last else 1]
             ref = x if source is None else base_out[source]
             # large and one-signed (each sign in turn): a ReLU or clamp after the source
             # cannot swallow it for every image
@@ -68,6 +72,8 @@ def measured_links(model: nn.Module, graph: ModelGraph, x: torch.Tensor,
                 model(xin)
                 for name, info in graph.layers.items():
                     diff = (seen_in[name] - base_in[name]).abs()
+                    if info.channels_last:
+                        diff = diff.movedim(-1, 1)
                     scale = float(base_in[name].abs().max()) + 1e-6
                     per_pos = diff.reshape(diff.shape[0], info.in_channels, -1) > 1e-5 * scale
                     for p in torch.nonzero(per_pos.any(dim=(0, 2))).flatten().tolist():

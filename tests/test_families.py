@@ -8,6 +8,8 @@ and held to their bounds.
 
 from __future__ import annotations
 
+import copy
+
 import _families as fam
 import pytest
 import torch
@@ -21,7 +23,7 @@ from netcarve.core.layers import GraphError
 
 FAMILIES = list(fam.FAMILIES)
 # filters of these families cannot be removed physically (reason asserted below)
-NOT_PRUNABLE = {"convnext": "is a grouped or transposed conv"}
+NOT_PRUNABLE: dict[str, str] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -101,15 +103,48 @@ def test_channel_shuffle_links_follow_the_permutation() -> None:
         assert links[source].input_channels.tolist() == positions
 
 
-def test_convnext_layernorm_and_pointwise_linears_mix_channels() -> None:
+def test_convnext_pointwise_linears_are_channels_last_layers_after_a_mixing_layernorm(
+) -> None:
+    """ConvNeXt: the NHWC LayerNorm mixes channels (every pwconv1 input depends on every
+    depthwise channel); the pointwise Linears are layers with their channels on the last dim
+    (pwconv1 → pwconv2 one to one); a filter mask zeroes the last dim, as zeroing the
+    Linear's row and bias does."""
+    from netcarve.core.hooks import apply_filter_masks, forward_until
+
     model = fam.build("convnext")
-    graph = ModelGraph.build(model, _data(1)[0])
-    assert "features.1.0.block.2" in graph.mixing and "features.1.0.block.3" in graph.mixing
-    # the block's output channel 0 depends on every channel of its depthwise conv
-    links = {link.source: link for link in graph.links["features.1.1.block.0"]}
-    assert sorted(set(links["features.1.0.block.0"].source_channels.tolist())) == list(range(8))
-    with pytest.raises(GraphError, match="mixes channels.*not as a layer"):
-        graph.layer("features.1.0.block.3")
+    x = _data(3)[0]
+    graph = ModelGraph.build(model, x[:1])
+    assert "features.1.0.block.2" in graph.mixing
+    info = graph.layers["features.1.0.block.3"]
+    assert info.channels_last and info.mask_shape == (32, 8)
+    assert info.input_shape == (8, 8, 8) and info.output_shape == (8, 8, 32)
+    (link,) = graph.links["features.1.0.block.3"]
+    assert link.source == "features.1.0.block.0" and len(link.source_channels) == 8 * 8
+    (link,) = graph.links["features.1.0.block.5"]
+    assert link.source_channels.tolist() == link.input_channels.tolist() == list(range(32))
+    keep = torch.ones(32, dtype=torch.bool)
+    keep[[3, 17]] = False
+    with torch.no_grad():
+        with apply_filter_masks(model, graph, {"features.1.0.block.3": keep}):
+            masked = model(x)
+        zeroed = copy.deepcopy(model)
+        lin = zeroed.get_submodule("features.1.0.block.3")
+        lin.weight[~keep] = 0
+        lin.bias[~keep] = 0
+        assert torch.allclose(masked, zeroed(x), rtol=0, atol=0)
+        z = forward_until(model, "features.1.0.block.3", x)  # presented channels-first
+        assert tuple(z.shape) == (3, 32, 8, 8)
+
+
+def test_convnext_circuit_module_cannot_end_at_a_channels_last_linear() -> None:
+    from netcarve.circuits.extract import extract
+    from netcarve.surgery._plan import SurgeryError
+
+    model = fam.build("convnext")
+    x = _data(8)[0]
+    circuit = extract(model, "features.1.1.block.3:5", x[:4], heldout=x[4:], keep=0.5)
+    with pytest.raises(SurgeryError, match="channels-last Linear.*Target the next conv"):
+        circuit.to_module(model)
 
 
 def test_vision_transformer_is_refused_clearly() -> None:

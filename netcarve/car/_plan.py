@@ -114,8 +114,13 @@ def _strided_max_pool(module: nn.MaxPool2d, x: Any) -> torch.Tensor | None:
     return out.contiguous() if kh * kw > 1 else out.clone()
 
 
-def _keep_view(keep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Broadcast bool keep ``[C]`` or ``[N, C]`` over an output ``[N, C, ...]``."""
+def _keep_view(keep: torch.Tensor, out: torch.Tensor, last: bool = False) -> torch.Tensor:
+    """Broadcast bool keep ``[C]`` or ``[N, C]`` over an output ``[N, C, ...]`` (or, for a
+    channels-last layer, ``[N, ..., C]``)."""
+    if last:
+        if keep.dim() == 1:
+            return keep.reshape(*([1] * (out.dim() - 1)), -1)
+        return keep.reshape(keep.shape[0], *([1] * (out.dim() - 2)), keep.shape[1])
     if keep.dim() == 1:
         return keep.reshape(1, -1, *([1] * (out.dim() - 2)))
     return keep.reshape(keep.shape[0], keep.shape[1], *([1] * (out.dim() - 2)))

@@ -66,12 +66,13 @@ class _PrefixMixin:
         name = plan.mask_at.get(node)
         if name is None or not isinstance(out, torch.Tensor):
             return out
+        last = self.graph.layers[name].channels_last
         if name == plan.layer and rows_keep is not None:
-            return out.masked_fill(~_keep_view(rows_keep, out), 0)
+            return out.masked_fill(~_keep_view(rows_keep, out, last), 0)
         keep = fixed.get(name)
         if keep is None:
             return out
-        return out.masked_fill(~_keep_view(keep.to(out.device), out), 0)
+        return out.masked_fill(~_keep_view(keep.to(out.device), out, last), 0)
 
     def _prefix_pass(self, plan: _Plan, x: torch.Tensor, y: torch.Tensor,
                      fixed: dict[str, torch.Tensor]) -> _Chunk:

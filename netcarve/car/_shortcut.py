@@ -57,6 +57,8 @@ class _ShortcutMixin:
                         zero: dict[torch.fx.Node, torch.Tensor] | None, c: int) -> bool:
         if plan.substitute is False or base is None or zero is None or set(base) != set(zero):
             return False
+        if self.graph.layers[plan.layer].channels_last:
+            return False  # its channels are the last dim: the generic way
         # channel c of the layer must sit at position c of every live value -- or, once
         # flattened to [N, C * s], in the block c * s .. (c + 1) * s - 1; anything else (e.g.
         # a concatenation with another branch) goes the generic way. The substitution is also

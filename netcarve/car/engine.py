@@ -374,7 +374,8 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
         rows_keep = keeps.to(device).repeat_interleave(b, dim=0)
         start = chunk.start.repeat(r, *([1] * (chunk.start.dim() - 1)))
         if plan.mode == "cut":
-            start = start.masked_fill(~_keep_view(rows_keep, start), 0)
+            last = self.graph.layers[plan.layer].channels_last
+            start = start.masked_fill(~_keep_view(rows_keep, start, last), 0)
         return {plan.cut: start}, item, rows_keep
 
     @staticmethod

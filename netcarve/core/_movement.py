@@ -1,11 +1,14 @@
 """Following data-movement and channel-mixing ops exactly (a mixin of the graph builder).
 
-View, permute, transpose and indexing move data without computing: :meth:`_simulate` runs
-the op on a tensor of channel-group indices, so a channel shuffle or an ``x[:, 0]`` maps
-exactly. LayerNorm over trailing dims and a Linear over the last dim of an ``[N, ..., F]``
-tensor (ConvNeXt's NHWC blocks) make each output element depend on its whole trailing block:
-:meth:`_mix_trailing` unions the sources there and records the module in
-:attr:`ModelGraph.mixing`."""
+``split`` / ``chunk`` and plain channel indexing are followed directly (:meth:`_split`,
+:meth:`_getitem`). Other views, permutes, transposes, shuffles and indexing move data without
+computing: :meth:`_simulate` runs the op on a tensor of channel-group indices, so a channel
+shuffle or an ``x[:, 0]`` maps exactly. LayerNorm over trailing dims (ConvNeXt's NHWC
+LayerNorm) makes each output element depend on its whole trailing block: :meth:`_mix_trailing`
+unions the sources there and records the module in :attr:`ModelGraph.mixing`. A Linear over
+the last dim of a tensor whose channels are that dim (ConvNeXt's pointwise convs) is a layer
+with ``channels_last`` (:meth:`_channels_last_groups`); over the last dim of a channels-first
+tensor it mixes, like the LayerNorm."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from netcarve.core._channel_maps import (
     _ids_of,
     _Map,
     _NotConcrete,
+    _TupleMap,
     _union,
 )
 
@@ -52,6 +56,23 @@ class _DataMovement:
         in_shape = self.shapes.get(src) if isinstance(src, torch.fx.Node) else None
         return isinstance(in_shape, tuple) and len(in_shape) > 2 and isinstance(
             self.maps.get(src), _Map | _Grid)
+
+    def _channels_last_groups(self, node: torch.fx.Node
+                              ) -> tuple[frozenset[Any], ...] | None:
+        """Per feature of the last dim, its channel sources, when the input holds its channels
+        on the last dim (the same sources at every position, as after ConvNeXt's NHWC
+        permute and LayerNorm); None otherwise."""
+        src = node.args[0]
+        m = self.maps.get(src)
+        in_shape = self.shapes.get(src)
+        if not isinstance(m, _Map | _Grid) or not isinstance(in_shape, tuple) or (
+                isinstance(m, _Map) and m.error):
+            return None
+        ids = m.ids if isinstance(m, _Grid) else _ids_of(m, in_shape)
+        rows = ids.reshape(-1, ids.shape[-1])
+        if not bool((rows == rows[:1]).all()):
+            return None
+        return tuple(m.groups[i] for i in rows[0].tolist())
 
     def _trailing(self, node: torch.fx.Node) -> int | None:
         """How many trailing dims a LayerNorm / channels-last Linear mixes (None: neither)."""
@@ -163,3 +184,58 @@ class _DataMovement:
             origin = f"{self._op_name(node)[1]} ({self._where(node)})"
             result = _Grid(result.groups, result.ids, origin)
         return result
+
+    def _split(self, node: torch.fx.Node, feats: list[Any], shape: Any) -> Any:
+        _, m, in_shape = feats[0]
+        if len(feats) != 1 or not isinstance(shape, list) or not isinstance(in_shape, tuple):
+            return self._mixed(node, "splits in a way netcarve cannot follow")
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        if not isinstance(dim, int):
+            return self._mixed(node, "splits along a dynamic dimension")
+        dim %= len(in_shape)
+        if dim == 0:
+            return self._mixed(node, "splits the batch")
+        if dim != 1:
+            return _TupleMap(tuple(m for _ in shape))
+        positions = m.expanded()
+        items: list[_Map | None] = []
+        start = 0
+        for s in shape:
+            width = s[1] if isinstance(s, tuple) and len(s) > 1 else 0
+            items.append(_Map(positions[start:start + width], 1))
+            start += width
+        return _TupleMap(tuple(items))
+
+    def _getitem(self, node: torch.fx.Node, feats: list[Any], shape: Any) -> Any:
+        src = node.args[0]
+        smap = self.maps.get(src) if isinstance(src, torch.fx.Node) else None
+        idx = node.args[1]
+        if isinstance(smap, _TupleMap):
+            if isinstance(idx, int) and -len(smap.items) <= idx < len(smap.items):
+                return smap.items[idx]
+            return self._mixed(node, "indexes a tuple of tensors dynamically")
+        if not isinstance(smap, _Map):
+            return self._mixed(node, "indexes with a tensor")
+        in_shape = self.shapes.get(src)
+        index = idx if isinstance(idx, tuple) else (idx,)
+        if not index:
+            return smap
+        full = slice(None, None, None)
+        if index[0] != full:
+            return self._mixed(node, "indexes the batch dimension")
+        rest_ok = all(i is None or i is Ellipsis or isinstance(i, int) or (
+            isinstance(i, slice) and all(
+                isinstance(v, int | None) for v in (i.start, i.stop, i.step))
+        ) for i in index[2:])
+        if not rest_ok:
+            return self._mixed(node, "uses an index netcarve cannot follow")
+        if len(index) == 1 or index[1] == full:
+            return smap
+        sel = index[1]
+        if isinstance(sel, slice) and all(
+            isinstance(v, int | None) for v in (sel.start, sel.stop, sel.step)
+        ) and isinstance(in_shape, tuple):
+            positions = smap.expanded()
+            picked = tuple(positions[p] for p in range(in_shape[1])[sel])
+            return _Map(picked, 1)
+        return self._mixed(node, "indexes the channel dimension")

@@ -38,7 +38,9 @@ def count_parameters(module: nn.Module) -> int:
 def _layer_macs(modules: dict[str, nn.Module], graph: ModelGraph, name: str) -> int:
     info = graph.layers[name]
     if info.kind == "linear":
-        return info.in_channels * info.spatial * info.out_channels
+        # a channels-last Linear (a 1×1 conv over [N, H, W, C]) runs at every position
+        positions = math.prod(info.output_shape[:-1]) if info.channels_last else 1
+        return info.in_channels * info.spatial * info.out_channels * positions
     weight = getattr(modules.get(name), "weight", None)
     kernel = math.prod(weight.shape[2:]) if isinstance(weight, torch.Tensor) else 1
     out_positions = math.prod(info.output_shape[1:])

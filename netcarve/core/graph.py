@@ -270,11 +270,11 @@ class ModelGraph:
     def mixing(self) -> dict[str, str]:
         """Modules netcarve follows as channel-mixing operations, not as layers, with the op.
 
-        A LayerNorm over channels (ConvNeXt's NHWC ``LayerNorm``, ``LayerNorm2d``) and a
-        ``Linear`` applied to the last dim of an ``[N, H, W, C]`` tensor (ConvNeXt's
-        pointwise convs) make every output channel depend on every input channel: the
-        graph links them that way (sound for circuits, CAR and effective masks), their
-        weights are never masked, and filters feeding them cannot be pruned physically.
+        A LayerNorm over channels (ConvNeXt's NHWC ``LayerNorm``, ``LayerNorm2d``) makes
+        every output channel depend on every input channel: the graph links them that way
+        (sound for circuits, CAR and effective masks), and filters feeding it cannot be
+        pruned physically. (ConvNeXt's pointwise Linears after it are layers, with
+        ``LayerInfo.channels_last``.)
 
         Example:
             >>> ModelGraph.build(convnext, x).mixing  # doctest: +SKIP

@@ -184,8 +184,19 @@ def apply_kernel_masks(
                 weight.copy_(original)
 
 
-def _channel_view(keep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _channel_view(keep: torch.Tensor, out: torch.Tensor, last: bool = False) -> torch.Tensor:
+    if last:  # a channels-last Linear: the channels are the last dim
+        return keep.to(out.device).reshape(*([1] * (out.dim() - 1)), -1)
     return keep.to(out.device).reshape(1, -1, *([1] * (out.dim() - 2)))
+
+
+def channels_first(module: nn.Module, out: Any) -> Any:
+    """A layer output as netcarve presents it: a Linear applied to an ``[N, ..., F]`` tensor
+    (ConvNeXt's channels-last pointwise convs) has its features moved to dim 1, so that
+    ``out[:, c]`` is channel ``c`` for every layer."""
+    if isinstance(module, nn.Linear) and isinstance(out, torch.Tensor) and out.dim() > 2:
+        return out.movedim(-1, 1)
+    return out
 
 
 @contextmanager
@@ -217,7 +228,7 @@ def apply_filter_masks(
     """
     if not isinstance(masks, dict):
         raise MaskError(f"filter masks must be a dict {{layer: bool tensor}}, got {type(masks)}")
-    plan: list[tuple[nn.Module, torch.Tensor]] = []
+    plan: list[tuple[nn.Module, torch.Tensor, bool]] = []
     for name, keep in masks.items():
         if name not in graph.layers:
             hint = close_names(str(name), graph.layers)
@@ -231,20 +242,20 @@ def apply_filter_masks(
         keep = keep if keep.dtype == torch.bool else keep != 0
         if bool(keep.all()):
             continue
-        plan.append((resolve_module(model, name), keep))
+        plan.append((resolve_module(model, name), keep, graph.layers[name].channels_last))
         for bn_name in graph.bn_after.get(name, []):
-            plan.append((resolve_module(model, bn_name), keep))
+            plan.append((resolve_module(model, bn_name), keep, False))
 
-    def make_hook(keep: torch.Tensor) -> Callable[..., torch.Tensor]:
+    def make_hook(keep: torch.Tensor, last: bool) -> Callable[..., torch.Tensor]:
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-            return out.masked_fill(~_channel_view(keep, out), 0)
+            return out.masked_fill(~_channel_view(keep, out, last), 0)
 
         return hook
 
     handles = []
     try:
-        for module, keep in plan:
-            handles.append(module.register_forward_hook(make_hook(keep)))
+        for module, keep, last in plan:
+            handles.append(module.register_forward_hook(make_hook(keep, last)))
         yield model
     finally:
         for handle in handles:
@@ -285,6 +296,7 @@ def capture(
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
+            out = channels_first(module, out)
             store[name] = out.clone() if clone and isinstance(out, torch.Tensor) else out
 
         return hook
@@ -328,7 +340,7 @@ def stop_at(model: nn.Module, layer_name: str) -> Iterator[Callable[..., torch.T
     box: dict[str, Any] = {}
 
     def hook(mod: nn.Module, args: Any, out: Any) -> None:
-        box["out"] = out
+        box["out"] = channels_first(mod, out)
         raise _StopForward
 
     def run(*args: Any, **kwargs: Any) -> torch.Tensor:

@@ -46,6 +46,10 @@ class LayerInfo:
         mask_shape: ``(out_channels, in_channels // groups)``, the shape of a kernel mask.
         weight_param: name of the weight parameter, e.g. ``"features.3.weight"``.
         bias_param: name of the bias parameter, or None when the layer has no bias.
+        channels_last: a Linear applied over the last dim of an ``[N, H, W, C]`` tensor
+            (ConvNeXt's pointwise convs): its channels are the last dim of its input and
+            output, and netcarve treats it as a 1×1 conv (kernel ``(o, i)``; captured
+            outputs are presented channels-first).
     """
 
     name: str
@@ -59,6 +63,7 @@ class LayerInfo:
     mask_shape: tuple[int, int]
     weight_param: str
     bias_param: str | None = None
+    channels_last: bool = False
 
     @property
     def n_kernels(self) -> int:

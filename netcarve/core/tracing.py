@@ -215,7 +215,11 @@ class _Builder(_DataMovement):
         if node.op == "call_module":
             mod = self.modules[str(node.target)]
             if isinstance(mod, nn.Linear) and self._linear_on_last_dim(node):
-                pass  # a Linear over the last dim of an [N, ..., F] tensor: mixing, below
+                last = self._channels_last_groups(node)
+                if last is not None:  # channels on the last dim: a 1×1 conv, as a layer
+                    self._layer(node, mod, last)
+                    return
+                # else a Linear over the last dim of a channels-first tensor: mixing, below
             elif isinstance(mod, (_conv._ConvNd, nn.Linear)) and not getattr(
                 mod, "transposed", False
             ):
@@ -425,64 +429,10 @@ class _Builder(_DataMovement):
             return self._channelwise(node, feats[:1], shape)
         return self._mixed(node, f"normalises over dim {dim}, which mixes channels")
 
-    def _split(self, node: torch.fx.Node, feats: list[Any], shape: Any) -> Any:
-        _, m, in_shape = feats[0]
-        if len(feats) != 1 or not isinstance(shape, list) or not isinstance(in_shape, tuple):
-            return self._mixed(node, "splits in a way netcarve cannot follow")
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-        if not isinstance(dim, int):
-            return self._mixed(node, "splits along a dynamic dimension")
-        dim %= len(in_shape)
-        if dim == 0:
-            return self._mixed(node, "splits the batch")
-        if dim != 1:
-            return _TupleMap(tuple(m for _ in shape))
-        positions = m.expanded()
-        items: list[_Map | None] = []
-        start = 0
-        for s in shape:
-            width = s[1] if isinstance(s, tuple) and len(s) > 1 else 0
-            items.append(_Map(positions[start:start + width], 1))
-            start += width
-        return _TupleMap(tuple(items))
-
-    def _getitem(self, node: torch.fx.Node, feats: list[Any], shape: Any) -> Any:
-        src = node.args[0]
-        smap = self.maps.get(src) if isinstance(src, torch.fx.Node) else None
-        idx = node.args[1]
-        if isinstance(smap, _TupleMap):
-            if isinstance(idx, int) and -len(smap.items) <= idx < len(smap.items):
-                return smap.items[idx]
-            return self._mixed(node, "indexes a tuple of tensors dynamically")
-        if not isinstance(smap, _Map):
-            return self._mixed(node, "indexes with a tensor")
-        in_shape = self.shapes.get(src)
-        index = idx if isinstance(idx, tuple) else (idx,)
-        if not index:
-            return smap
-        full = slice(None, None, None)
-        if index[0] != full:
-            return self._mixed(node, "indexes the batch dimension")
-        rest_ok = all(i is None or i is Ellipsis or isinstance(i, int) or (
-            isinstance(i, slice) and all(
-                isinstance(v, int | None) for v in (i.start, i.stop, i.step))
-        ) for i in index[2:])
-        if not rest_ok:
-            return self._mixed(node, "uses an index netcarve cannot follow")
-        if len(index) == 1 or index[1] == full:
-            return smap
-        sel = index[1]
-        if isinstance(sel, slice) and all(
-            isinstance(v, int | None) for v in (sel.start, sel.stop, sel.step)
-        ) and isinstance(in_shape, tuple):
-            positions = smap.expanded()
-            picked = tuple(positions[p] for p in range(in_shape[1])[sel])
-            return _Map(picked, 1)
-        return self._mixed(node, "indexes the channel dimension")
-
     # -------------------------------------------------------------- layers
 
-    def _layer(self, node: torch.fx.Node, mod: nn.Module) -> None:
+    def _layer(self, node: torch.fx.Node, mod: nn.Module,
+               channels_last: tuple[frozenset[_Source], ...] | None = None) -> None:
         name = str(node.target)
         if name in self.layer_nodes:
             raise GraphError(
@@ -495,7 +445,7 @@ class _Builder(_DataMovement):
         m = self.maps.get(inputs[0])
         in_shape = self.shapes.get(inputs[0])
         out_shape = self.shapes[node]
-        if isinstance(m, _Grid):
+        if isinstance(m, _Grid) and channels_last is None:
             raise GraphError(
                 f"cannot follow channels into layer '{name}': its input's channels are spread "
                 f"over several dimensions (shape {in_shape}) by {m.origin}; "
@@ -509,10 +459,14 @@ class _Builder(_DataMovement):
                 "conv/linear layers. If the operation is channel-wise, declare its module with "
                 "ModelGraph.build(..., channelwise=[...])."
             )
-        if not isinstance(m, _Map) or not isinstance(in_shape, tuple):
+        if not isinstance(m, _Map | _Grid) or not isinstance(in_shape, tuple):
             raise GraphError(f"layer '{name}' is fed by a constant, not by the model input")
         is_conv = isinstance(mod, _conv._ConvNd)
-        if is_conv:
+        if channels_last is not None:
+            assert isinstance(mod, nn.Linear)
+            groups_pos, spatial = channels_last, 1
+            in_channels, out_channels, groups = len(groups_pos), mod.out_features, 1
+        elif is_conv:
             assert isinstance(mod, _conv._ConvNd)
             groups_pos = m.expanded()
             in_channels, out_channels, groups, spatial = (
@@ -558,6 +512,7 @@ class _Builder(_DataMovement):
             mask_shape=(out_channels, in_channels // groups),
             weight_param=f"{name}.weight",
             bias_param=f"{name}.bias" if has_bias else None,
+            channels_last=channels_last is not None,
         )
         self.graph.links[name] = links
         for link in links:
@@ -567,7 +522,12 @@ class _Builder(_DataMovement):
                     cons.append(name)
         self.graph._n_params[name] = sum(p.numel() for p in mod.parameters(recurse=False))
         self.layer_nodes[name] = node
-        self.maps[node] = _Map(tuple(frozenset({(name, o)}) for o in range(out_channels)))
+        own = tuple(frozenset({(name, o)}) for o in range(out_channels))
+        if channels_last is not None:
+            ids = torch.arange(out_channels).expand(*out_shape[1:]).contiguous()
+            self.maps[node] = _Grid(own, ids, f"the channels-last Linear '{name}'")
+        else:
+            self.maps[node] = _Map(own)
 
     def _finish(self) -> None:
         for name, mod in self.modules.items():

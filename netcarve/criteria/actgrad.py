@@ -488,6 +488,13 @@ class ActGrad:
         def compute(name: str, module: nn.Module, x: torch.Tensor,
                     z_fn: Callable[[], torch.Tensor], g: torch.Tensor
                     ) -> tuple[torch.Tensor, int]:
+            if infos[name].channels_last:  # a 1×1 conv over the last dim: positions as rows
+                count = g.numel() // g.shape[-1]
+                if kernel:
+                    return kernel_abs_sums(module, infos[name], x.reshape(-1, x.shape[-1]),
+                                           g.reshape(-1, g.shape[-1]), rows[name]), count
+                return _filter_abs_sums(z_fn().movedim(-1, 1), g.movedim(-1, 1),
+                                        rows[name]), count
             count = g[:, 0].numel()  # images × positions of this batch
             if kernel:
                 return kernel_abs_sums(module, infos[name], x, g, rows[name]), count

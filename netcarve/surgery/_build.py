@@ -303,6 +303,15 @@ class _Surgeon(_SurgeryPlan):
         first = rec.first
         assert first is not None
         inputs = self.layer_inputs[n]
+        if info.channels_last:  # whole, masked; reads its input as it is
+            weight = mod.weight.detach()  # type: ignore[union-attr]
+            bias = getattr(mod, "bias", None)
+            new_w = weight.masked_fill(~self._mask(name).to(weight.device), 0)
+            new_b = bias.detach().clone() if isinstance(bias, torch.Tensor) else None
+            module_name = self._register(name, self._new_layer(mod, new_w, new_b, groups=1))
+            self.env[n] = self.new_graph.create_node("call_module", module_name,
+                                                     (self.env[first],), {}, name=n.name)
+            return list(range(info.in_channels))
         if inputs is None:  # no kept kernel: read one input channel (zero weights) for shape
             have = self.kept.get(first)
             assert have, f"node {first.name} has no channels"

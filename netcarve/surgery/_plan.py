@@ -20,6 +20,7 @@ from torch.nn.modules import instancenorm as _inorm
 from torch.nn.modules import padding as _pad
 from torch.nn.modules import pooling as _pool
 
+from netcarve.core._channel_maps import _shape_of
 from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
 from netcarve.core.layers import close_names
@@ -88,15 +89,6 @@ _STANDARD_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn
 # --------------------------------------------------------------------------- small helpers
 
 
-def _shape_of(value: Any) -> Any:
-    """A tensor's shape as a tuple, a list of shapes for a tuple of tensors, else None."""
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value]
-    return None
-
-
 def _op_name(node: torch.fx.Node) -> str | None:
     """Short name of a torch / operator function or of a Tensor method; None otherwise."""
     if node.op == "call_method":
@@ -137,14 +129,6 @@ def _dims(raw: Any, ndim: int) -> list[int] | None:
     if not isinstance(raw, (list, tuple)) or not raw or not all(isinstance(d, int) for d in raw):
         return None
     return [d % ndim for d in raw]
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------- analysis
@@ -492,6 +476,12 @@ class _SurgeryPlan:
                 f"{expected} in its first two dimensions: was the graph built from this model?"
             )
         first = args[0] if args else None
+        if info.channels_last and isinstance(first, torch.fx.Node):
+            # channels on the last dim (ConvNeXt's pointwise Linears): kept whole, its
+            # kernel masks applied; what follows it is followed as a barrier
+            rec = _Rec("layer", None, first=first, roles={first: "full"})
+            rec.mismatch = True
+            return rec
         if not isinstance(first, torch.fx.Node) or self._layout(first) is None:
             raise SurgeryError(f"layer '{name}' is not called on a feature map")
         graph_view = (info.in_channels, info.spatial)
@@ -570,9 +560,19 @@ class _SurgeryPlan:
     def _plan_layer(self, n: torch.fx.Node, rec: _Rec, union: list[int], ask: Any) -> None:
         name = str(n.target)
         info = self.graph.layers[name]
+        assert rec.first is not None
+        if info.channels_last:
+            if n is self.target:
+                raise SurgeryError(
+                    f"'{name}' is a channels-last Linear (its channels are the last dim of an "
+                    "[N, H, W, C] tensor); a standalone circuit module cannot end at it yet. "
+                    "Target the next conv, or use the masked model (apply_kernel_masks).")
+            self.kept[n] = list(range(info.out_channels))
+            self.layer_inputs[n] = list(range(info.in_channels))
+            ask(rec.first, self._full(rec.first))
+            return
         # the target computes its channels; a layer asked only for its shape, its cheapest row
         rows = list(self.channels) if n is self.target else union or [self._cheapest_row(name)]
-        assert rec.first is not None
         if info.groups > 1:
             if rec.mismatch:
                 rows = list(range(info.out_channels))

@@ -17,7 +17,7 @@ from torch import nn
 
 from netcarve.core.errors import NetcarveError
 from netcarve.core.graph import ModelGraph
-from netcarve.core.hooks import preserved_state, resolve_module
+from netcarve.core.hooks import channels_first, preserved_state, resolve_module
 from netcarve.data.preset import Preset
 from netcarve.data.stream import Images, as_stream, in_memory
 
@@ -163,6 +163,7 @@ def class_preference(
                 rows = []
                 for c in range(probs.shape[1]):
                     (g,) = torch.autograd.grad(probs[:, c].sum(), z, retain_graph=True)
+                    g = channels_first(module, g)  # a channels-last Linear: channels on dim 1
                     g = g.abs().reshape(g.shape[0], g.shape[1], -1).mean(dim=2)
                     rows.append(g.sum(dim=0).double().cpu())
                 part = torch.stack(rows, dim=1)

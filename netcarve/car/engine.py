@@ -178,12 +178,6 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
 
     # ------------------------------------------------------------------ planning
 
-    def _layer_node(self, layer: str) -> torch.fx.Node:
-        for node in self.gm.graph.nodes:
-            if node.op == "call_module" and str(node.target) == layer:
-                return node
-        raise GraphError(f"layer {layer!r} is not called in the traced model")
-
     def plan(self, layer: str) -> _Plan:
         """The split of the network around ``layer`` (computed once per layer)."""
         if layer not in self._plans:
@@ -197,7 +191,7 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
         placeholders = [n for n in nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise AblationError("the engine supports models with exactly one input tensor")
-        layer_node = self._layer_node(layer)
+        layer_node = self.graph.layer_node(layer)
         cut = layer_node if mode == "cut" else placeholders[0]
         suffix_set = _reachable(cut)
         if mode == "cut" and self._has_hazard(suffix_set, order):

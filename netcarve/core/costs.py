@@ -94,14 +94,10 @@ def upstream_mixing_macs(graph: ModelGraph, layer: str) -> int:
         >>> upstream_mixing_macs(g, "features.3.0.block.0")  # doctest: +SKIP
         81920
     """
-    if not graph._mixing_linear_macs or graph.traced is None:
-        return 0
-    start = next((n for n in graph.traced.graph.nodes
-                  if n.op == "call_module" and str(n.target) == layer), None)
-    if start is None:
+    if not graph._mixing_linear_macs:
         return 0
     seen: set[torch.fx.Node] = set()
-    todo = [start]
+    todo = [graph.layer_node(layer)]
     total = 0
     while todo:
         node = todo.pop()

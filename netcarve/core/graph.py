@@ -54,7 +54,7 @@ from torch import nn
 
 from netcarve.core._channel_maps import _shape_of
 from netcarve.core.layers import ChannelLink, GraphError, LayerInfo, MaskError, close_names
-from netcarve.core.tracing import _Builder
+from netcarve.core.tracing import _Builder, _refuse_attention
 
 __all__ = ["ModelGraph"]
 
@@ -78,28 +78,6 @@ class _ShapeRecorder(torch.fx.Interpreter):
         ):
             self.values[n] = result
         return result
-
-
-def _refuse_attention(model: nn.Module) -> None:
-    """Vision Transformers (and any model with attention) are refused before tracing:
-    attention mixes every position and channel with data-dependent weights, which no
-    channel graph of kernels can express."""
-    for name, mod in model.named_modules():
-        kind = type(mod).__name__
-        # token attention (query/key/value projections), not a channel gate such as
-        # squeeze-excitation or CBAM's ChannelAttn, which the graph follows
-        projections = {child for child, _ in mod.named_children()} & {
-            "qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "query", "key", "value"}
-        named_attention = ("Attention" in kind or "Attn" in kind) and bool(projections)
-        if isinstance(mod, nn.MultiheadAttention) or named_attention:
-            raise GraphError(
-                f"{type(model).__name__} contains attention (module '{name}', {kind}); "
-                "netcarve analyses convolutional networks: attention mixes every token and "
-                "channel with input-dependent weights, so kernel-level circuits, CAR removal "
-                "semantics and filter pruning are not defined for it. Vision Transformers "
-                "are not supported; use a CNN (ResNet, ConvNeXt, MobileNet, ...), or analyse "
-                "a convolutional part of the model on its own (e.g. its stem as a separate "
-                "nn.Module).")
 
 
 class _Tracer(torch.fx.Tracer):
@@ -166,6 +144,7 @@ class ModelGraph:
         self.bn_after: dict[str, list[str]] = {}
         self.input_shape: tuple[int, ...] = ()
         self.traced: torch.fx.GraphModule | None = None
+        self._layer_nodes: dict[str, torch.fx.Node] = {}
         self._consumers: dict[str, list[str]] = {}
         self._n_params: dict[str, int] = {}
         self._module_types: dict[str, str] = {}
@@ -308,6 +287,19 @@ class ModelGraph:
             f"unknown layer '{name}'{what}{hint_txt} "
             f"(ModelGraph.layers / describe() list all {len(self.layers)} layers)"
         )
+
+    def layer_node(self, name: str) -> torch.fx.Node:
+        """The node of :attr:`traced` that calls layer ``name``.
+
+        Raises:
+            GraphError: unknown layer (the message lists the closest layer names).
+
+        Example:
+            >>> g.layer_node("features.0").op  # doctest: +SKIP
+            'call_module'
+        """
+        self.layer(name)
+        return self._layer_nodes[name]
 
     def check_channel(self, layer: str, channel: int) -> None:
         """Check that ``channel`` is an output channel of ``layer``.

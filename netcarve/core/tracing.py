@@ -116,6 +116,28 @@ def _function_name(target: Any) -> tuple[str, str]:
     return short, f"{module}.{qual}" if module else qual
 
 
+def _refuse_attention(model: nn.Module) -> None:
+    """Vision Transformers (and any model with attention) are refused before tracing:
+    attention mixes every position and channel with data-dependent weights, which no
+    channel graph of kernels can express."""
+    for name, mod in model.named_modules():
+        kind = type(mod).__name__
+        # token attention (query/key/value projections), not a channel gate such as
+        # squeeze-excitation or CBAM's ChannelAttn, which the graph follows
+        projections = {child for child, _ in mod.named_children()} & {
+            "qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "query", "key", "value"}
+        named_attention = ("Attention" in kind or "Attn" in kind) and bool(projections)
+        if isinstance(mod, nn.MultiheadAttention) or named_attention:
+            raise GraphError(
+                f"{type(model).__name__} contains attention (module '{name}', {kind}); "
+                "netcarve analyses convolutional networks: attention mixes every token and "
+                "channel with input-dependent weights, so kernel-level circuits, CAR removal "
+                "semantics and filter pruning are not defined for it. Vision Transformers "
+                "are not supported; use a CNN (ResNet, ConvNeXt, MobileNet, ...), or analyse "
+                "a convolutional part of the model on its own (e.g. its stem as a separate "
+                "nn.Module).")
+
+
 # --------------------------------------------------------------------------- builder
 
 
@@ -530,6 +552,7 @@ class _Builder(_DataMovement):
             self.maps[node] = _Map(own)
 
     def _finish(self) -> None:
+        self.graph._layer_nodes = dict(self.layer_nodes)
         for name, mod in self.modules.items():
             if name:
                 self.graph._module_types[name] = type(mod).__name__

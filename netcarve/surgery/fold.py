@@ -158,16 +158,11 @@ def _targets(mod: nn.Module, y: torch.Tensor, rows: torch.Tensor | None) -> torc
 
 def _own_batchnorm(graph: ModelGraph, layer: str) -> str | None:
     """The BatchNorm called directly on ``layer``'s output (and nothing else), if any."""
-    gm = graph.traced
-    assert gm is not None
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target) == layer:
-            users = list(node.users)
-            if len(users) == 1 and users[0].op == "call_module":
-                target = str(users[0].target)
-                if target in graph.bn_after.get(layer, []):
-                    return target
-            return None
+    users = list(graph.layer_node(layer).users)
+    if len(users) == 1 and users[0].op == "call_module":
+        target = str(users[0].target)
+        if target in graph.bn_after.get(layer, []):
+            return target
     return None
 
 

@@ -125,13 +125,6 @@ def _short_name(node: torch.fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).lstrip("_")
 
 
-def _layer_node(gm: torch.fx.GraphModule, layer: str) -> torch.fx.Node:
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target) == layer:
-            return node
-    raise CompressError(f"layer {layer!r} is not called in the traced model")
-
-
 def _why_not(graph: ModelGraph, layer: str) -> str | None:
     """None when ``layer``'s filters can be removed physically, else the reason."""
     info = graph.layer(layer)
@@ -147,8 +140,7 @@ def _why_not(graph: ModelGraph, layer: str) -> str | None:
     if not isinstance(mod, (_conv._ConvNd, nn.Linear)):
         return f"{layer} is a {type(mod).__name__}, not a conv or linear layer"
     own_bns = set(graph.bn_after.get(layer, []))
-    start = _layer_node(gm, layer)
-    todo = [start]
+    todo = [graph.layer_node(layer)]
     seen: set[torch.fx.Node] = set()
     reaches_layer = False
     while todo:
@@ -234,7 +226,7 @@ def _why_not_constant(graph: ModelGraph, dw: str) -> str | None:
     gm = graph.traced
     assert gm is not None
     modules = dict(gm.named_modules())
-    todo = [_layer_node(gm, dw)]
+    todo = [graph.layer_node(dw)]
     seen: set[torch.fx.Node] = set()
     while todo:
         node = todo.pop()

@@ -4,7 +4,8 @@ torchvision's wheels need CUDA on the test machines, so these are written from s
 the same building blocks, module names and forward-pass idioms as the real models (in-place
 ReLUs, ``out += identity``, ``torch.cat`` of lists, ``x.chunk`` + channel shuffle, squeeze-
 excitation gates, stochastic depth, NHWC ``permute`` + ``LayerNorm`` + ``Linear`` in ConvNeXt),
-only narrower and shallower. Every model takes ``[N, 3, 32, 32]`` and returns 10 logits.
+only narrower and shallower (the ResNet reuses the zoo's torchvision-shaped
+:class:`~netcarve.zoo.torchvision_models.BasicBlock`). Every model takes ``[N, 3, 32, 32]`` and returns 10 logits.
 
 :data:`FAMILIES` maps a family name to ``(factory, middle conv, late conv)``: the layers the
 coverage tests and ``bench/coverage_table.py`` probe.
@@ -17,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from netcarve.zoo.torchvision_models import BasicBlock
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (3, 32, 32)
@@ -129,29 +132,16 @@ class VGG(nn.Module):
 # --------------------------------------------------------------------------- ResNet / ResNeXt
 
 
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock (``out += identity``, in-place ReLU, optional downsample)."""
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Sequential | None:
+    """torchvision's projection shortcut (1×1 conv + BN) when the shape changes."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+def _basic(cin: int, cout: int, stride: int = 1) -> BasicBlock:
+    """The zoo's torchvision BasicBlock (``out += identity``) with its shortcut."""
+    return BasicBlock(cin, cout, stride, _shortcut(cin, cout, stride))
 
 
 class Bottleneck(nn.Module):
@@ -171,10 +161,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+        self.downsample = _shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
@@ -204,7 +191,7 @@ class ResNet(nn.Module):
                           Bottleneck(planes * 2, planes, 1, groups)]
                 cin = planes * 2
             else:
-                blocks = [BasicBlock(cin, planes, stride), BasicBlock(planes, planes)]
+                blocks = [_basic(cin, planes, stride), _basic(planes, planes)]
                 cin = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

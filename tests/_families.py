@@ -5,7 +5,8 @@ the same building blocks, module names and forward-pass idioms as the real model
 ReLUs, ``out += identity``, ``torch.cat`` of lists, ``x.chunk`` + channel shuffle, squeeze-
 excitation gates, stochastic depth, NHWC ``permute`` + ``LayerNorm`` + ``Linear`` in ConvNeXt),
 only narrower and shallower (the ResNet reuses the zoo's torchvision-shaped
-:class:`~netcarve.zoo.torchvision_models.BasicBlock`). Every model takes ``[N, 3, 32, 32]`` and returns 10 logits.
+:class:`~netcarve.zoo.torchvision_models.BasicBlock`). Every model takes ``[N, 3, 32, 32]``
+and returns 10 logits.
 
 :data:`FAMILIES` maps a family name to ``(factory, middle conv, late conv)``: the layers the
 coverage tests and ``bench/coverage_table.py`` probe.

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from netcarve.car._conv import run_conv
 from netcarve.car._plan import (
     _arg_nodes,
     _Chunk,
@@ -45,6 +46,8 @@ class _PrefixMixin:
     def _run(self, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if node.op == "call_module":
             module = self.modules[str(node.target)]
+            if isinstance(module, nn.Conv2d) and len(args) == 1 and not kwargs:
+                return run_conv(module, args[0], self._routes.get(node), self.channels_last)
             if isinstance(module, nn.MaxPool2d) and len(args) == 1 and not kwargs:
                 pooled = _strided_max_pool(module, args[0])
                 if pooled is not None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
+from netcarve.car._conv import trimmed_weight_conv
 from netcarve.car._plan import (
     _SHORTCUT_CHANNELS_PER_ITEM,
     _bits,
@@ -182,8 +182,8 @@ class _ShortcutMixin:
             if isinstance(module, nn.Conv2d):
                 delta = (zero_in[:, c].index_select(0, img) -
                          base_in[:, c].index_select(0, img)).unsqueeze(1)
-                contrib = F.conv2d(delta, module.weight[:, c:c + 1], None, module.stride,
-                                   module.padding, module.dilation)
+                contrib = trimmed_weight_conv(module, delta, module.weight[:, c:c + 1],
+                                              self._routes.get(node))
             else:
                 s = base_in.shape[1] // c_all
                 block = slice(c * s, (c + 1) * s)

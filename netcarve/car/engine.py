@@ -30,6 +30,10 @@ are exact in real arithmetic:
 * *caching the prefix* across calls (``cache_mb``) while the masks of the layers in it stay
   the same, so greedy pruning runs the prefix once.
 
+Besides, a conv followed (through pointwise modules) by a floor-mode pooling computes only the
+rows and columns that pooling reads, and on CPU convs run in channels-last layout
+(:mod:`netcarve.car._conv`); both change the values only by float rounding.
+
 Models whose code mutates, in place, a tensor computed outside ``l``'s descendants that is read
 again later, or that read a batch size computed before ``l`` after it, are run in a safe mode
 that stacks the input images instead (still one stacked pass per batch of removals).
@@ -58,6 +62,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from netcarve.car._conv import conv_routes
 from netcarve.car._plan import (
     _arg_nodes,
     _bits,
@@ -121,6 +126,8 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
             the removed channels' contributions, instead of running the layer per item. Exact
             in real arithmetic; in floating point within :data:`TOLERANCES`. Needs
             ``skip_unchanged``.
+        channels_last: run float32 convs on CPU in channels-last layout (see
+            :mod:`netcarve.car._conv`); None (default) means on CPU, off on CUDA.
         metric: extra metric to sum (a custom callable); top-1, top-5 and loss are always
             computed.
 
@@ -147,6 +154,7 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
         cache_mb: float = 512.0,
         skip_unchanged: bool = True,
         linear_shortcut: bool = True,
+        channels_last: bool | None = None,
         metric: str | Metric | Callable[..., Any] | None = None,
     ) -> None:
         if batch_size < 1:
@@ -168,6 +176,9 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
         self.cache_bytes = cache_mb * 2**20
         self.skip_unchanged = skip_unchanged
         self.linear_shortcut = linear_shortcut
+        self.channels_last = self.device.type == "cpu" if channels_last is None \
+            else bool(channels_last)
+        self._routes = conv_routes(self.gm, self.modules)
         m = resolve_metric(metric)
         self.custom = m if m.fn is not None else None
         self.num_classes = _num_classes(

@@ -6,8 +6,10 @@ Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|profile|all] [--th
 
 (1) speed: CAR of every filter of fmnist_vgg conv layers on 2,000 images (the first 2,000 of
     the train split), batch size 100 for all three: the engine with the linear shortcut (the
-    default), the engine without it, and the naive loop (one full forward pass per removal and
-    chunk, masks applied by hooks), timed one after the other in one process (--repeats, best
+    default), the engine without it, the engine in plain NCHW layout (``channels_last=False``),
+    the naive loop (one full forward pass per removal and chunk, masks applied by hooks) and
+    the naive loop on a channels-last copy of the model and images (what the engine's layout
+    alone would give a naive loop), timed one after the other in one process (--repeats, best
     time kept). Agreement is the engine's contract (``compare_stats``: loss sums to relative
     1e-5 in float32, top-1/top-5/class counts equal up to the naive loop's near-ties). One
     intra-op thread by default: on a shared machine two threads made timings swing by 10x.
@@ -24,6 +26,7 @@ Prints Markdown and writes bench/out/bench_car*.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -49,6 +52,8 @@ def speed(layers: list[str], n_images: int, batch_size: int, repeats: int) -> li
     lm = load_model("fmnist_vgg")
     x, y = reference_data(lm.preset, "train", n_images)
     x = lm.preset.normalize(x)
+    model_cl = copy.deepcopy(lm.model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     rows = []
     for layer in layers:
         c = lm.model.get_submodule(layer).out_channels
@@ -62,8 +67,13 @@ def speed(layers: list[str], n_images: int, batch_size: int, repeats: int) -> li
                 "no_shortcut": lambda lay=layer, cd=cand: AblationEngine(
                     lm.model, x, y, batch_size=batch_size, cache_mb=0,
                     linear_shortcut=False).evaluate(lay, cd),
+                "nchw": lambda lay=layer, cd=cand: AblationEngine(
+                    lm.model, x, y, batch_size=batch_size, cache_mb=0,
+                    channels_last=False).evaluate(lay, cd),
                 "naive": lambda lay=layer, cd=cand: ablate_naive(
                     lm.model, lay, cd, x, y, batch_size=batch_size),
+                "naive_cl": lambda lay=layer, cd=cand: ablate_naive(
+                    model_cl, lay, cd, x_cl, y, batch_size=batch_size),
             }
             for name, fn in runs.items():
                 stats[name], wall, cpu = _timed(fn)
@@ -80,6 +90,10 @@ def speed(layers: list[str], n_images: int, batch_size: int, repeats: int) -> li
                      "speedup": best["naive"][0] / best["engine"][0],
                      "cpu_speedup": best["naive"][1] / best["engine"][1],
                      "no_shortcut_speedup": best["naive"][0] / best["no_shortcut"][0],
+                     "nchw_speedup": best["naive"][0] / best["nchw"][0],
+                     "vs_naive_cl": best["naive_cl"][0] / best["engine"][0],
+                     "nchw_agree": compare_stats(stats["nchw"], stats["naive"]).ok,
+                     "naive_cl_agree": compare_stats(stats["naive_cl"], stats["naive"]).ok,
                      "agree": agree.ok, "agreement": agree.describe(),
                      "no_shortcut_agree": agree_ns.ok, "max_loss_error": agree.max_loss_error,
                      "decision_changes": agree.decision_changes, "near_ties": agree.near_ties,
@@ -154,14 +168,17 @@ def main() -> None:
               f"{args.batch_size}, {args.threads} thread(s))")
         result["speed"] = speed([s for s in args.layers.split(",") if s], args.images,
                                 args.batch_size, args.repeats)
-        print("| layer | filters | engine (s) | no shortcut (s) | naive (s) | speed-up "
-              "(no shortcut) | CPU-time speed-up | agreement | items shortcut / skipped / run |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| layer | filters | engine (s) | no shortcut (s) | NCHW engine (s) | naive (s) | "
+              "naive channels-last (s) | speed-up (no shortcut, NCHW engine) | vs naive "
+              "channels-last | CPU-time speed-up | agreement | items shortcut / skipped / run |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in result["speed"]:
             p = r["engine_passes"]
             print(f"| {r['layer']} | {r['filters']} | {r['engine_s']:.1f} | "
-                  f"{r['no_shortcut_s']:.1f} | {r['naive_s']:.1f} | **{r['speedup']:.1f}×** "
-                  f"({r['no_shortcut_speedup']:.1f}×) | {r['cpu_speedup']:.1f}× | "
+                  f"{r['no_shortcut_s']:.1f} | {r['nchw_s']:.1f} | {r['naive_s']:.1f} | "
+                  f"{r['naive_cl_s']:.1f} | **{r['speedup']:.1f}×** "
+                  f"({r['no_shortcut_speedup']:.1f}×, {r['nchw_speedup']:.1f}×) | "
+                  f"{r['vs_naive_cl']:.1f}× | {r['cpu_speedup']:.1f}× | "
                   f"{r['agreement'].splitlines()[0]} | {p.get('shortcut_items', 0):,} / "
                   f"{p['skipped_items']:,} / {p['suffix_items']:,} |")
     if args.part in ("greedy", "all"):

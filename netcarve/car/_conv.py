@@ -157,7 +157,9 @@ def run_conv(conv: nn.Module, x: Any, route: _Route | None, channels_last: bool)
     (the output stays channels-last only when its route is layout-blind)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         return conv(x)
-    cl = channels_last and x.device.type == "cpu" and x.dtype == torch.float32
+    # a Conv2d subclass may reshape its input in its own forward: only plain convs switch
+    cl = channels_last and type(conv) is nn.Conv2d and x.device.type == "cpu" \
+        and x.dtype == torch.float32
     inp = x.contiguous(memory_format=torch.channels_last) if cl else x
     pads = None
     if route is not None and route.pool is not None and isinstance(conv, nn.Conv2d):

@@ -66,6 +66,8 @@ def test_trimmed_conv_gives_the_pooled_values(conv_args, pool, size, channels_la
             contrib = trimmed_weight_conv(conv, x[:, :1], w, route)
             ref = nn.functional.conv2d(x[:, :1], w, None, s, p, d)
             _close(contrib, ref[:, :, :used_h, :used_h])
+            nhwc = trimmed_weight_conv(conv, x[:, :1], w, route, nhwc=True)
+            _close(nhwc, ref[:, :, :used_h, :used_h].permute(0, 2, 3, 1))
 
 
 def _route_of(net: nn.Module, target: str):

@@ -174,11 +174,23 @@ def run_conv(conv: nn.Module, x: Any, route: _Route | None, channels_last: bool)
 
 
 def trimmed_weight_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
-                        route: _Route | None) -> torch.Tensor:
+                        route: _Route | None, nhwc: bool = False) -> torch.Tensor:
     """``conv`` with its weight replaced (no bias), trimmed like :func:`run_conv`: the linear
-    shortcut's contribution of removed channels, of the same size as the conv's output."""
+    shortcut's contribution of removed channels, of the same size as the conv's output.
+
+    With ``nhwc`` the result is ``[N, H, W, C_out]``, computed as an im2col product (one
+    unfolded input times the weight matrix), which yields that layout directly."""
     pads = _trim_pads(conv, x, route.pool) if route is not None and route.pool is not None \
         else None
     if pads is None:
-        return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation)
-    return F.conv2d(F.pad(x, pads), weight, None, conv.stride, 0, conv.dilation)
+        ph, pw = _pair(conv.padding)
+        pads = [pw, pw, ph, ph]
+    inp = F.pad(x, pads)
+    if not nhwc:
+        return F.conv2d(inp, weight, None, conv.stride, 0, conv.dilation)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    h = (inp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    w = (inp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cols = F.unfold(inp, (kh, kw), (dh, dw), 0, (sh, sw))  # [N, C * kh * kw, h * w]
+    out = cols.transpose(1, 2) @ weight.reshape(weight.shape[0], -1).T
+    return out.view(x.shape[0], h, w, weight.shape[0])

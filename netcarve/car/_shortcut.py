@@ -171,10 +171,15 @@ class _ShortcutMixin:
         for every removed channel that changed on it, the layer applied (without bias) to that
         channel's change alone. ``active``: bool ``[items, C]``."""
         module = self.modules[str(node.target)]
-        out = base_raw.index_select(0, item)
+        # a channels-last base (the engine's CPU layout) is gathered and summed as [N, H, W, C]:
+        # gathering it into NCHW, or adding NCHW parts to it, costs a slow strided copy
+        nhwc = isinstance(module, nn.Conv2d) and base_raw.dim() == 4 and \
+            not base_raw.is_contiguous() and \
+            base_raw.is_contiguous(memory_format=torch.channels_last)
+        out = (base_raw.permute(0, 2, 3, 1) if nhwc else base_raw).index_select(0, item)
         pairs, chans = active.nonzero(as_tuple=True)
         if not pairs.numel():
-            return out
+            return out.permute(0, 3, 1, 2) if nhwc else out
         c_all = active.shape[1]
         for c in torch.unique(chans).tolist():
             rows = pairs[chans == c]
@@ -183,7 +188,7 @@ class _ShortcutMixin:
                 delta = (zero_in[:, c].index_select(0, img) -
                          base_in[:, c].index_select(0, img)).unsqueeze(1)
                 contrib = trimmed_weight_conv(module, delta, module.weight[:, c:c + 1],
-                                              self._routes.get(node))
+                                              self._routes.get(node), nhwc)
             else:
                 s = base_in.shape[1] // c_all
                 block = slice(c * s, (c + 1) * s)
@@ -191,4 +196,4 @@ class _ShortcutMixin:
                     base_in[:, block].index_select(0, img)
                 contrib = delta @ module.weight[:, block].T
             out.index_add_(0, rows, contrib.to(out.dtype))
-        return out
+        return out.permute(0, 3, 1, 2) if nhwc else out

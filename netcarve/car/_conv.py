@@ -152,6 +152,19 @@ def _trim_pads(conv: nn.Conv2d, x: torch.Tensor, pool: nn.Module) -> list[int] |
     return pads if trims else None
 
 
+def _pad_channels_last(x: torch.Tensor, pads: list[int]) -> torch.Tensor:
+    """``F.pad(x, pads)`` in channels-last layout, built as one zeroed ``[N, H, W, C]`` buffer
+    and one copy (padding a channels-last tensor directly was a slow strided fill, 5% of the
+    engine's time on fmnist_vgg features.7)."""
+    left, right, top, bottom = pads
+    h0, h1 = max(0, -top), x.shape[2] - max(0, -bottom)
+    w0, w1 = max(0, -left), x.shape[3] - max(0, -right)
+    t, b, lft, r = max(top, 0), max(bottom, 0), max(left, 0), max(right, 0)
+    buf = x.new_zeros(x.shape[0], t + h1 - h0 + b, lft + w1 - w0 + r, x.shape[1])
+    buf[:, t:t + h1 - h0, lft:lft + w1 - w0] = x[:, :, h0:h1, w0:w1].permute(0, 2, 3, 1)
+    return buf.permute(0, 3, 1, 2)
+
+
 def run_conv(conv: nn.Module, x: Any, route: _Route | None, channels_last: bool) -> Any:
     """``conv(x)``, trimmed to what its pooling reads and in channels-last layout where allowed
     (the output stays channels-last only when its route is layout-blind)."""
@@ -160,16 +173,15 @@ def run_conv(conv: nn.Module, x: Any, route: _Route | None, channels_last: bool)
     # a Conv2d subclass may reshape its input in its own forward: only plain convs switch
     cl = channels_last and type(conv) is nn.Conv2d and x.device.type == "cpu" \
         and x.dtype == torch.float32
-    inp = x.contiguous(memory_format=torch.channels_last) if cl else x
     pads = None
     if route is not None and route.pool is not None and isinstance(conv, nn.Conv2d):
         pads = _trim_pads(conv, x, route.pool)
     if pads is None:
-        out = conv(inp)
+        out = conv(x.contiguous(memory_format=torch.channels_last) if cl else x)
     else:
         assert isinstance(conv, nn.Conv2d)
-        out = F.conv2d(F.pad(inp, pads), conv.weight, conv.bias, conv.stride, 0, conv.dilation,
-                       conv.groups)
+        inp = _pad_channels_last(x, pads) if cl else F.pad(x, pads)
+        out = F.conv2d(inp, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
     return out.contiguous() if cl and not (route is not None and route.keeps_layout) else out
 
 

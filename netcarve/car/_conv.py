@@ -10,10 +10,11 @@ rounding, within the engine's tolerances):
   the conv computes just the rows and columns the pooling reads: its input is zero-padded
   (or cropped) explicitly and the conv runs without padding. The elementwise modules then run
   on the smaller map, and the pooling returns the same values.
-* *layout*: on CPU, float32 convs run on a channels-last copy of their input and hand back a
-  contiguous output. oneDNN computes in that layout natively; on the 2-core benchmark machine
-  the suffix convs of fmnist_vgg ran 1.3-1.5× faster this way. Everything around the conv
-  sees ordinary contiguous tensors, so model code that calls ``view`` keeps working.
+* *layout*: on CPU, plain float32 convs run on a channels-last copy of their input. oneDNN
+  computes in that layout natively; on the 2-core benchmark machine the suffix convs of
+  fmnist_vgg ran 1.3-1.5× faster this way. The output stays channels-last only when every use
+  of it is a pointwise module leading on to another conv or a floor pooling; anything else
+  gets a contiguous output, so model code that calls ``view`` keeps working.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from netcarve.car._plan import _pair
+
 __all__: list[str] = []
 
 # modules that act on every position on its own, so a smaller map gives the same values on the
-# positions it keeps (BatchNorm and dropout only in eval mode, checked at run time)
+# positions it keeps (BatchNorm and dropout because the engine always runs the model in eval
+# mode)
 _POINTWISE_MODULES = (
     nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
     nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
@@ -40,10 +44,6 @@ _POINTWISE_FUNCTIONS = {
     F.hardsigmoid, F.elu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
 }
 _POINTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _pointwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -107,8 +107,8 @@ def conv_routes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module],
         assert isinstance(conv, nn.Conv2d)
         pool = None
         cur = node
-        while len(cur.users) == 1 and conv.padding_mode == "zeros" \
-                and not isinstance(conv.padding, str):
+        trimmable = conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        while trimmable and len(cur.users) == 1:
             (user,) = cur.users
             if user.args[:1] != (cur,):
                 break
@@ -194,15 +194,13 @@ def trimmed_weight_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
     unfolded input times the weight matrix), which yields that layout directly."""
     pads = _trim_pads(conv, x, route.pool) if route is not None and route.pool is not None \
         else None
-    if pads is None:
-        ph, pw = _pair(conv.padding)
-        pads = [pw, pw, ph, ph]
-    inp = F.pad(x, pads)
+    # trimmed: pad (or crop) explicitly and run unpadded; otherwise the conv's own padding
+    inp, padding = (x, _pair(conv.padding)) if pads is None else (F.pad(x, pads), (0, 0))
     if not nhwc:
-        return F.conv2d(inp, weight, None, conv.stride, 0, conv.dilation)
+        return F.conv2d(inp, weight, None, conv.stride, padding, conv.dilation)
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    h = (inp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    w = (inp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    cols = F.unfold(inp, (kh, kw), (dh, dw), 0, (sh, sw))  # [N, C * kh * kw, h * w]
+    h = (inp.shape[2] + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1
+    w = (inp.shape[3] + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1
+    cols = F.unfold(inp, (kh, kw), (dh, dw), padding, (sh, sw))  # [N, C * kh * kw, h * w]
     out = cols.transpose(1, 2) @ weight.reshape(weight.shape[0], -1).T
     return out.view(x.shape[0], h, w, weight.shape[0])

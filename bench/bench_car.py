@@ -1,6 +1,6 @@
 """CAR speed: the ablation engine vs the naive loop, and exact vs lazy vs racing greedy.
 
-Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|profile|all] [--threads 1]
+Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|memo|profile|all] [--threads 1]
          [--layers features.7,features.11,features.14] [--repeats 1]
          [--greedy-layers features.4,features.7] [--greedy-images 2000] [--greedy-removals 8]
 
@@ -17,7 +17,13 @@ Run: .venv/bin/python bench/bench_car.py [--part speed|greedy|profile|all] [--th
     --greedy-layers layer on the first --greedy-images train images (one engine per run):
     seconds, (removal, image) evaluations, racing's saved fraction and eliminations, and how
     often the lazy/racing choice differed from exact's at the same step.
-(3) profile (not in ``all``): the torch profiler over one engine evaluation of every single
+(3) memo (not in ``all``): what the default ``netcarve car fmnist_vgg --prune 0.5`` spends
+    before its curves -- CAR scores of the 5 conv layers, then lazy greedy pruning of half of
+    each layer's filters, on the first --memo-images train images -- with the engine's logits
+    memo (``memo_mb=64``, the default) and without it (``memo_mb=0``), alternating for
+    --repeats rounds in one process: seconds, items reused, and whether both chose the same
+    filters.
+(4) profile (not in ``all``): the torch profiler over one engine evaluation of every single
     removal of each --layers layer on --profile-images images: the share of the engine's CPU
     time spent in each convolution, by input shape (what bounds the speed-up).
 Prints Markdown and writes bench/out/bench_car*.json.
@@ -128,6 +134,37 @@ def greedy(layer: str, n_images: int, batch_size: int, removals: int) -> dict:
             "exact_image_evaluations": runs["exact"].exact_image_evaluations, **out}
 
 
+def memo(n_images: int, batch_size: int, repeats: int) -> dict:
+    from netcarve.car.scores import car_scores
+
+    lm = load_model("fmnist_vgg")
+    x, y = reference_data(lm.preset, "train", n_images)
+    names = ["features.0", "features.4", "features.7", "features.11", "features.14"]
+    best: dict[str, dict] = {}
+    for r in range(repeats):
+        for memo_mb in (64.0, 0.0):
+            engine = AblationEngine(lm.model, x, y, preset=lm.preset, batch_size=batch_size,
+                                    memo_mb=memo_mb)
+            t = time.perf_counter()
+            scores = car_scores(lm.model, x, y, names, preset=lm.preset, engine=engine)
+            res = greedy_prune(lm.model, x, y, names, amount=0.5, mode="lazy",
+                               preset=lm.preset, engine=engine)
+            row = {"seconds": time.perf_counter() - t, "scores_s": scores.seconds,
+                   "greedy_s": res.seconds, "reused_items": engine.counts.reused_items,
+                   "suffix_items": engine.counts.suffix_items, "order": res.order}
+            print(f"  round {r + 1} memo_mb={memo_mb:g}: {row['seconds']:.1f} s (scores "
+                  f"{row['scores_s']:.1f}, greedy {row['greedy_s']:.1f}), reused "
+                  f"{row['reused_items']:,} items", flush=True)
+            key = f"memo_mb={memo_mb:g}"
+            if key not in best or row["seconds"] < best[key]["seconds"]:
+                best[key] = row
+    with_, without = best["memo_mb=64"], best["memo_mb=0"]
+    return {"images": n_images, "with": {k: v for k, v in with_.items() if k != "order"},
+            "without": {k: v for k, v in without.items() if k != "order"},
+            "same_order": with_["order"] == without["order"],
+            "speedup": without["seconds"] / with_["seconds"]}
+
+
 def profile(layer: str, n_images: int, batch_size: int) -> list[dict]:
     lm = load_model("fmnist_vgg")
     x, y = reference_data(lm.preset, "train", n_images)
@@ -149,13 +186,14 @@ def profile(layer: str, n_images: int, batch_size: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["speed", "greedy", "profile", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "greedy", "memo", "profile", "all"], default="all")
     ap.add_argument("--profile-images", type=int, default=500)
     ap.add_argument("--layers", default="features.7,features.11,features.14")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--greedy-layers", default="features.4,features.7")
     ap.add_argument("--greedy-images", type=int, default=2000)
     ap.add_argument("--greedy-removals", type=int, default=8)
+    ap.add_argument("--memo-images", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
@@ -199,6 +237,18 @@ def main() -> None:
                       f"{r['eliminated']} | "
                       f"{'—' if diff is None else f'{len(diff)} of {args.greedy_removals}'} | "
                       f"{r['accuracy_after']:.4f} |")
+    if args.part == "memo":
+        print(f"## CAR scores + lazy greedy (half of every conv layer, {args.memo_images} "
+              f"images, {args.threads} thread(s)): logits memo on vs off, best of "
+              f"{args.repeats}")
+        m = memo(args.memo_images, args.batch_size, args.repeats)
+        result["memo"] = m
+        print("| memo | seconds | CAR scores (s) | greedy (s) | items reused | suffix items run |")
+        print("|---|---|---|---|---|---|")
+        for label, r in (("on (64 MiB)", m["with"]), ("off", m["without"])):
+            print(f"| {label} | {r['seconds']:.1f} | {r['scores_s']:.1f} | {r['greedy_s']:.1f} "
+                  f"| {r['reused_items']:,} | {r['suffix_items']:,} |")
+        print(f"speed-up {m['speedup']:.2f}×; same greedy order: {m['same_order']}")
     if args.part == "profile":
         result["profile"] = {}
         for layer in [s for s in args.layers.split(",") if s]:

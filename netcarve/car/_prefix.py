@@ -148,9 +148,9 @@ class _PrefixMixin:
         return out
 
     def _chunk_source(self, plan: _Plan, fixed: dict[str, torch.Tensor],
-                      select: Sequence[int] | None = None) -> Iterator[_Chunk]:
-        """Prefix results of the image chunks (all, or those numbered in ``select``, in that
-        order), from the cache where they are already there."""
+                      select: Sequence[int] | None = None) -> Iterator[tuple[int, _Chunk]]:
+        """``(number, prefix results)`` of the image chunks (all, or those numbered in
+        ``select``, in that order), from the cache where they are already there."""
         key = tuple(sorted((name, tuple(fixed[name].tolist())) for name in plan.prefix_layers
                            if name in fixed))
         cached = self._cache.get(plan.layer)
@@ -175,4 +175,4 @@ class _PrefixMixin:
                 if self.cache_bytes > 0 and total + chunk.nbytes <= self.cache_bytes:
                     store[i] = chunk
                     total += chunk.nbytes
-            yield chunk
+            yield i, chunk

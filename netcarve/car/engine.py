@@ -63,6 +63,7 @@ import torch.fx
 from torch import nn
 
 from netcarve.car._conv import conv_routes
+from netcarve.car._memo import LogitsMemo, MaskKey, row_keys
 from netcarve.car._plan import (
     _arg_nodes,
     _bits,
@@ -120,6 +121,10 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
             features.7); the memory of a pass grows with it.
         cache_mb: keep the prefix results of all chunks between calls when they fit in this
             many MiB (0 disables).
+        memo_mb: keep the logits of the mask sets already evaluated, up to this many MiB
+            (0 disables): a later call that asks for the same network on the same chunk
+            (greedy pruning's next unablated network is its last chosen candidate; its first
+            step repeats the CAR scores) reuses them instead of running it again.
         skip_unchanged: drop items that are bitwise unchanged before the next layer.
         linear_shortcut: compute the next layer's output (a ``Conv2d`` with ``groups=1`` or a
             ``Linear`` reading only the ablated layer's values) as the unablated output minus
@@ -152,6 +157,7 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
         batch_size: int = 100,
         max_items: int = 100,
         cache_mb: float = 512.0,
+        memo_mb: float = 64.0,
         skip_unchanged: bool = True,
         linear_shortcut: bool = True,
         channels_last: bool | None = None,
@@ -174,6 +180,7 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
         if self.max_items < 1:
             raise AblationError("max_items must be at least 1")
         self.cache_bytes = cache_mb * 2**20
+        self._memo = LogitsMemo(memo_mb * 2**20)
         self.skip_unchanged = skip_unchanged
         self.linear_shortcut = linear_shortcut
         self.channels_last = self.device.type == "cpu" if channels_last is None \
@@ -436,40 +443,76 @@ class AblationEngine(_PrefixMixin, _ShortcutMixin):
                   base_acc: _Accumulator, select: Sequence[int] | None = None) -> None:
         plan = self.plan(layer)
         rows_all = own[None] & cands
-        n_c = own.shape[0]
-        removed = (own[None] & ~rows_all).float()
-        for chunk in self._chunk_source(plan, fixed, select):
-            b = chunk.start.shape[0]
+        (base_key,) = row_keys(layer, own[None], fixed)
+        keys = row_keys(layer, rows_all, fixed)
+        for ci, chunk in self._chunk_source(plan, fixed, select):
             acc.count_labels(chunk.labels)
             base_acc.count_labels(chunk.labels)
             self.counts.naive_passes += len(cands) + 1
-            base_logits, base_live = self._base_run(plan, chunk, own, fixed)
-            assert isinstance(base_logits, torch.Tensor)
+            base_logits = self._memo.get(base_key, ci)
+            # rows already known (an earlier call, or an equal row of this one) are not run
+            todo: dict[MaskKey, int] = {}
+            known: dict[MaskKey, torch.Tensor] = {}
+            for r, key in enumerate(keys):
+                if key == base_key or key in todo or key in known:
+                    continue
+                hit = self._memo.get(key, ci)
+                if hit is None:
+                    todo[key] = r
+                else:
+                    known[key] = hit
+            base_live = None
+            if base_logits is None:
+                base_logits, base_live = self._base_run(plan, chunk, own, fixed)
+                assert isinstance(base_logits, torch.Tensor)
+                self._memo.put(base_key, ci, base_logits)
+            else:
+                self.counts.reused_items += chunk.start.shape[0]
+                if todo and plan.compact_at is not None:  # the live values only
+                    _, base_live = self._base_run(plan, chunk, own, fixed, full=False)
             base_acc.add([0], base_logits, chunk.labels)
             if not len(cands):
                 continue
-            zero_live = None
-            if self.skip_unchanged and plan.mode == "cut" and plan.substitute is not False \
-                    and base_live is not None:
-                _, zero_live = self._base_run(plan, chunk, torch.zeros_like(own), fixed,
-                                              full=False)
-            if self.skip_unchanged and self._can_substitute(plan, base_live, zero_live, n_c):
-                assert base_live is not None and zero_live is not None
-                if plan.substitute is None:
-                    probe = rows_all[: max(1, self.max_items // b)]
-                    plan.substitute = self._verify_substitution(plan, chunk, probe, fixed,
-                                                                base_live, zero_live)
-                if plan.substitute:
-                    logits = self._run_substituted(plan, chunk, rows_all, removed, fixed,
-                                                   base_live, zero_live, base_logits)
-                    acc.add(list(range(len(cands))), logits, chunk.labels)
-                    continue
-            r_max = max(1, self.max_items // b)
-            compare = (base_live, base_logits) if self.skip_unchanged and base_live else None
-            for lo in range(0, len(cands), r_max):
-                block = rows_all[lo:lo + r_max]
-                logits = self._run_block(plan, chunk, block, fixed, compare)
-                acc.add(list(range(lo, lo + len(block))), logits, chunk.labels)
+            run = list(todo.values())
+            got = self._run_rows(plan, chunk, rows_all[run], own, fixed, base_live,
+                                 base_logits) if run else None
+            b = chunk.start.shape[0]
+            computed = {key: got[i * b:(i + 1) * b] for i, key in enumerate(todo)} \
+                if got is not None else {}
+            for key, value in computed.items():
+                self._memo.put(key, ci, value)
+            known.update(computed)
+            known[base_key] = base_logits
+            parts = [known[key] for key in keys]
+            self.counts.reused_items += (len(keys) - len(run)) * b
+            acc.add(list(range(len(cands))), torch.cat(parts), chunk.labels)
+
+    def _run_rows(self, plan: _Plan, chunk: _Chunk, rows: torch.Tensor, own: torch.Tensor,
+                  fixed: dict[str, torch.Tensor],
+                  base_live: dict[torch.fx.Node, torch.Tensor] | None,
+                  base_logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``[R * B, K]`` (row-major) of keep rows ``rows`` (own mask applied)."""
+        b = chunk.start.shape[0]
+        n_c = own.shape[0]
+        zero_live = None
+        if self.skip_unchanged and plan.mode == "cut" and plan.substitute is not False \
+                and base_live is not None:
+            _, zero_live = self._base_run(plan, chunk, torch.zeros_like(own), fixed,
+                                          full=False)
+        if self.skip_unchanged and self._can_substitute(plan, base_live, zero_live, n_c):
+            assert base_live is not None and zero_live is not None
+            if plan.substitute is None:
+                probe = rows[: max(1, self.max_items // b)]
+                plan.substitute = self._verify_substitution(plan, chunk, probe, fixed,
+                                                            base_live, zero_live)
+            if plan.substitute:
+                removed = (own[None] & ~rows).float()
+                return self._run_substituted(plan, chunk, rows, removed, fixed, base_live,
+                                             zero_live, base_logits)
+        r_max = max(1, self.max_items // b)
+        compare = (base_live, base_logits) if self.skip_unchanged and base_live else None
+        return torch.cat([self._run_block(plan, chunk, rows[lo:lo + r_max], fixed, compare)
+                          for lo in range(0, len(rows), r_max)])
 
     def _run_block(self, plan: _Plan, chunk: _Chunk, keeps: torch.Tensor,
                    fixed: dict[str, torch.Tensor],

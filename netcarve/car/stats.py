@@ -115,6 +115,8 @@ class ForwardCounts:
         skipped_items: items left out because they were bitwise unchanged before the next layer.
         shortcut_items: items whose next layer's output came from the linear shortcut (the
             unablated output minus the removed channels' contributions) instead of the layer.
+        reused_items: items (removal × image, or the unablated network × image) whose logits
+            an earlier evaluation of the same masks on the same chunk had already computed.
         naive_passes: full passes a naive loop would run for the same evaluation (one per
             removal, or the unablated model, and chunk).
         seconds: wall time.
@@ -128,6 +130,7 @@ class ForwardCounts:
     suffix_items: int = 0
     skipped_items: int = 0
     shortcut_items: int = 0
+    reused_items: int = 0
     naive_passes: int = 0
     seconds: float = 0.0
 

@@ -62,8 +62,3 @@ class LogitsMemo:
             self._bytes -= old.numel() * old.element_size()
         self._store[(key, chunk)] = logits.detach().clone()
         self._bytes += size
-
-    def clear(self) -> None:
-        """Forget everything (e.g. after the model's weights changed)."""
-        self._store.clear()
-        self._bytes = 0

@@ -357,8 +357,7 @@ class AblationEngine(_PrefixMixin, _SuffixMixin, _ShortcutMixin):
                   base_acc: _Accumulator, select: Sequence[int] | None = None) -> None:
         plan = self.plan(layer)
         rows_all = own[None] & cands
-        (base_key,) = row_keys(layer, own[None], fixed)
-        keys = row_keys(layer, rows_all, fixed)
+        base_key, *keys = row_keys(layer, torch.cat([own[None], rows_all]), fixed)
         for ci, chunk in self._chunk_source(plan, fixed, select):
             acc.count_labels(chunk.labels)
             base_acc.count_labels(chunk.labels)
@@ -395,11 +394,14 @@ class AblationEngine(_PrefixMixin, _SuffixMixin, _ShortcutMixin):
                 if got is not None else {}
             for key, value in computed.items():
                 self._memo.put(key, ci, value)
+            self.counts.reused_items += (len(keys) - len(run)) * b
+            if got is not None and len(run) == len(keys):  # every row run, in order
+                acc.add(list(range(len(cands))), got, chunk.labels)
+                continue
             known.update(computed)
             known[base_key] = base_logits
-            parts = [known[key] for key in keys]
-            self.counts.reused_items += (len(keys) - len(run)) * b
-            acc.add(list(range(len(cands))), torch.cat(parts), chunk.labels)
+            acc.add(list(range(len(cands))), torch.cat([known[key] for key in keys]),
+                    chunk.labels)
 
     def _run_rows(self, plan: _Plan, chunk: _Chunk, rows: torch.Tensor, own: torch.Tensor,
                   fixed: dict[str, torch.Tensor],

@@ -115,8 +115,9 @@ class ForwardCounts:
         skipped_items: items left out because they were bitwise unchanged before the next layer.
         shortcut_items: items whose next layer's output came from the linear shortcut (the
             unablated output minus the removed channels' contributions) instead of the layer.
-        reused_items: items (removal × image, or the unablated network × image) whose logits
-            an earlier evaluation of the same masks on the same chunk had already computed.
+        reused_items: items (removal × image, or the unablated network × image) not run
+            because the same masks on the same chunk were already computed: by an earlier
+            call, by this call's unablated run, or as an equal row of this call.
         naive_passes: full passes a naive loop would run for the same evaluation (one per
             removal, or the unablated model, and chunk).
         seconds: wall time.
